@@ -1,0 +1,47 @@
+"""Dataset plug-ins: ``--dataset_mode Y`` finds ``data/Y_dataset.py``.
+
+A plug-in module defines a :class:`data.base_dataset.BaseDataset` subclass and registers it
+with ``@DATASETS.register("Y")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch.utils.data
+
+from util.registry import Registry, load_plugin, plugin_names
+
+DATASETS = Registry("dataset mode")
+_PACKAGE_DIR = Path(__file__).parent
+DATASET_MODES = plugin_names(_PACKAGE_DIR, "_dataset")
+
+
+def find_dataset_using_name(dataset_mode: str):
+    """The dataset class registered as ``dataset_mode`` (imports its module)."""
+    return load_plugin("data", _PACKAGE_DIR, "_dataset", dataset_mode, DATASETS)
+
+
+def get_option_setter(dataset_mode: str):
+    return find_dataset_using_name(dataset_mode).modify_commandline_options
+
+
+def create_dataset(opt: argparse.Namespace):
+    """Build the dataset named by ``opt.dataset_mode``."""
+    return find_dataset_using_name(opt.dataset_mode)(opt)
+
+
+def create_dataloader(dataset, opt: argparse.Namespace, sampler=None) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` with the loader flags of ``opt``."""
+    workers = int(opt.num_threads)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=opt.batch_size,
+        shuffle=(sampler is None and not opt.serial_batches),
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available() and bool(opt.gpu_ids),
+        persistent_workers=workers > 0,
+        drop_last=False,
+    )

@@ -1,0 +1,244 @@
+"""``--dataset_mode robust_nifti``: paired 2D slices cut from paired NIfTI volumes.
+
+Layout: ``<dataroot>/<phase>A/NAME.nii[.gz]`` (input, e.g. the average CT) pairs with
+``<dataroot>/<phase>B/NAME.nii[.gz]`` (target, e.g. phase 0) by identical file name.
+
+For each pair, both volumes are brought to canonical RAS+ orientation (data/volume_io.py),
+cut into slices along ``--slice_axis`` (``--axial_slice`` = axial), normalised to 0-255 with
+the ``--intensity`` window (data/intensity.py), resized to ``--resize_to`` and served in
+[-1, 1]. Each volume is decoded once per cache entry (data/slice_cache.py). A slice is a
+sample when it is finite and not constant on both sides.
+
+Broken inputs (unreadable files, grids that differ, non-3D volumes, no usable slice) stop the
+run with one line naming the file, or with ``--skip_corrupted`` are skipped with a warning
+that names the file and the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import DATASETS
+from data.base_dataset import BaseDataset, DatasetError
+from data.intensity import INTENSITY_MODES
+from data.slice_cache import CachedVolume, SliceSettings, cached_volume
+from data.slicing import SLICE_AXES, context_indices
+from data.volume_io import VolumeError, is_nifti_path, strip_nifti_suffix
+
+logger = logging.getLogger(__name__)
+
+# Canonical affines of a registered pair agree to far better than this (mm).
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass
+class PairingReport:
+    """What was found on disk and what was kept."""
+
+    pairs: list[tuple[CachedVolume, CachedVolume]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    unpaired: list[Path] = field(default_factory=list)
+    skipped_slices: int = 0
+    built: int = 0
+
+
+def add_slice_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags that say how volumes become slices (shared by training and inference)."""
+    parser.add_argument("--resize_to", type=int, default=512, help="slices are resized to this square size (pixels)")
+    parser.add_argument(
+        "--slice_axis", default="axial", choices=sorted(SLICE_AXES),
+        help="anatomical axis held constant in each slice, whatever the file's storage order",
+    )
+    parser.add_argument("--axial_slice", action="store_true", help="cut axial slices (same as --slice_axis axial)")
+    parser.add_argument(
+        "--context_slices", type=int, default=0,
+        help="K neighbours on each side of a slice given as extra input channels (2.5D); input_nc becomes 1+2K",
+    )
+    parser.add_argument(
+        "--intensity", default="volume", choices=INTENSITY_MODES,
+        help="0-255 normalisation window: 'volume' = each volume's own min..max (the reference's); "
+        "'hu' = the fixed window --hu_min..--hu_max, exactly invertible (recommended for HU metrics)",
+    )
+    parser.add_argument("--hu_min", type=float, default=-1024.0, help="lower end of the 'hu' window (HU)")
+    parser.add_argument("--hu_max", type=float, default=3071.0, help="upper end of the 'hu' window (HU)")
+    return parser
+
+
+def slice_settings(opt: argparse.Namespace) -> SliceSettings:
+    """The :class:`SliceSettings` that ``opt`` describes."""
+    return SliceSettings(
+        slice_axis="axial" if opt.axial_slice else opt.slice_axis,
+        resize_to=opt.resize_to,
+        intensity=opt.intensity,
+        hu_min=opt.hu_min,
+        hu_max=opt.hu_max,
+    )
+
+
+def find_pairs(dataroot: Path, phase: str) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """Pair ``<phase>A`` and ``<phase>B`` files by name.
+
+    Returns:
+        ``(pairs, unpaired)``, both sorted by name; non-NIfTI files are ignored.
+
+    Raises:
+        DatasetError: a folder is missing or holds no NIfTI file.
+    """
+    folders = [Path(dataroot) / f"{phase}{side}" for side in "AB"]
+    listings = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: folder not found; expected {phase}A/ and {phase}B/ under --dataroot")
+        names = {p.name: p for p in folder.iterdir() if is_nifti_path(p.name) and not p.name.startswith(".")}
+        if not names:
+            raise DatasetError(f"{folder}: no .nii or .nii.gz files")
+        listings.append(names)
+    a_files, b_files = listings
+    pairs = [(a_files[name], b_files[name]) for name in sorted(a_files.keys() & b_files.keys())]
+    unpaired = sorted([a_files[n] for n in a_files.keys() - b_files.keys()] + [b_files[n] for n in b_files.keys() - a_files.keys()])
+    if not pairs:
+        raise DatasetError(f"{folders[0]} and {folders[1]}: no file name appears in both folders")
+    return pairs, unpaired
+
+
+def load_pairs(
+    pairs: list[tuple[Path, Path]], settings: SliceSettings, cache_dir: Path, skip_corrupted: bool
+) -> PairingReport:
+    """Cache every pair's slices and check that each pair shares one grid."""
+    report = PairingReport()
+
+    def skip(path: Path, reason: str) -> None:
+        if not skip_corrupted:
+            raise DatasetError(f"{path}: {reason} (pass --skip_corrupted to skip such files)")
+        logger.warning("skipping %s: %s", path, reason)
+        report.skipped.append((path, reason))
+
+    for path_a, path_b in pairs:
+        entries = []
+        for path in (path_a, path_b):
+            try:
+                entry, built = cached_volume(path, settings, cache_dir)
+            except VolumeError as err:
+                skip(path, err.problem)
+                break
+            report.built += built
+            entries.append(entry)
+        if len(entries) < 2:
+            continue
+        entry_a, entry_b = entries
+        if entry_a.canonical_shape != entry_b.canonical_shape:
+            skip(
+                path_b,
+                f"grid {entry_b.canonical_shape} differs from {path_a.parent.name}'s {entry_a.canonical_shape}; "
+                "register the pair first",
+            )
+            continue
+        if not np.allclose(entry_a.canonical_affine, entry_b.canonical_affine, atol=AFFINE_TOLERANCE_MM):
+            logger.warning(
+                "%s: affine differs from %s's (max difference %.3g mm): the pair may be misregistered",
+                path_b, path_a.parent.name, np.abs(entry_a.canonical_affine - entry_b.canonical_affine).max(),
+            )
+        usable = entry_a.usable & entry_b.usable
+        if not usable.any():
+            skip(path_a, "no slice is finite and non-constant in both volumes of the pair")
+            continue
+        report.skipped_slices += int((~usable).sum())
+        report.pairs.append((entry_a, entry_b))
+    return report
+
+
+@DATASETS.register("robust_nifti")
+class RobustNiftiDataset(BaseDataset):
+    """Paired slices; item ``i`` is ``{"A": (C_in, S, S), "B": (C_out, S, S), ...}`` in [-1, 1]."""
+
+    @staticmethod
+    def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
+        add_slice_options(parser)
+        parser.add_argument(
+            "--skip_corrupted", action="store_true",
+            help="skip unreadable files and unusable pairs with a warning instead of stopping",
+        )
+        parser.add_argument("--cache_dir", default="./cache/slices", help="where decoded slices are kept between runs")
+        parser.add_argument("--no_cache", action="store_true", help="keep decoded slices in a temporary folder removed at exit")
+        return parser
+
+    def __init__(self, opt: argparse.Namespace):
+        self.opt = opt
+        self.settings = slice_settings(opt)
+        self.context_slices = opt.context_slices
+        self.flip = opt.isTrain and not opt.no_flip
+        cache_dir = Path(opt.cache_dir)
+        if opt.no_cache:
+            cache_dir = Path(tempfile.mkdtemp(prefix="ct_slices-"))
+            atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+
+        files, unpaired = find_pairs(Path(opt.dataroot), opt.phase)
+        if unpaired:
+            logger.warning(
+                "%d file(s) without a partner of the same name, not used: %s",
+                len(unpaired), ", ".join(str(p) for p in unpaired),
+            )
+        self.report = load_pairs(files, self.settings, cache_dir, opt.skip_corrupted)
+        self.report.unpaired = unpaired
+        if not self.report.pairs:
+            raise DatasetError(f"{opt.dataroot}: no usable volume pair ({len(self.report.skipped)} skipped)")
+
+        # (pair index, slice index) of every sample, in volume order.
+        self.samples = [
+            (pair_index, int(k))
+            for pair_index, (a, b) in enumerate(self.report.pairs)
+            for k in np.flatnonzero(a.usable & b.usable)
+        ]
+        if opt.max_dataset_size < len(self.samples):
+            self.samples = self.samples[: opt.max_dataset_size]
+        self._open: dict[Path, np.ndarray] = {}  # memory maps, opened per process on first use
+
+    def summary_lines(self) -> list[str]:
+        r = self.report
+        lines = [
+            f"{len(r.pairs)} volume pairs, {len(self.samples)} valid slices, "
+            f"{len(r.skipped)} skipped files, {r.skipped_slices} skipped slices (NaN/Inf or blank), "
+            f"{r.built} volumes decoded into the cache"
+        ]
+        lines += [f"  skipped {path}: {reason}" for path, reason in r.skipped]
+        if r.unpaired:
+            lines.append(f"  unpaired (not used): {', '.join(p.name for p in r.unpaired)}")
+        return lines
+
+    def _slices(self, entry: CachedVolume) -> np.ndarray:
+        if entry.folder not in self._open:
+            self._open[entry.folder] = entry.open_slices()
+        return self._open[entry.folder]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        pair_index, k = self.samples[index]
+        entry_a, entry_b = self.report.pairs[pair_index]
+        if self.opt.direction == "BtoA":
+            entry_a, entry_b = entry_b, entry_a
+        # (1+2K, S, S): the slice and its K neighbours on each side
+        channels = context_indices(k, entry_a.n_slices, self.context_slices)
+        a = np.asarray(self._slices(entry_a)[channels], dtype=np.float32)
+        b = np.asarray(self._slices(entry_b)[k : k + 1], dtype=np.float32)
+        if self.flip and random.random() < 0.5:
+            a, b = a[..., ::-1], b[..., ::-1]
+        return {
+            "A": torch.from_numpy(np.ascontiguousarray(a)),
+            "B": torch.from_numpy(np.ascontiguousarray(b)),
+            "A_paths": str(entry_a.source),
+            "B_paths": str(entry_b.source),
+            "slice_index": k,
+            "patient": strip_nifti_suffix(entry_a.source.name),
+        }

@@ -1,0 +1,219 @@
+"""An on-disk cache of normalised, resized slices, one entry per volume file.
+
+A volume is decoded once: its slices, already windowed, resized and in the network's
+[-1, 1] range, go to ``<cache_dir>/<file stem>-<key>/slices.npy`` (float16, shape
+``(N, S, S)``, read memory-mapped), with ``entry.json`` describing them. Training and every
+DataLoader worker read slices from there without touching the NIfTI file again, so memory
+is bounded by the batch, not the dataset.
+
+The key hashes the file's identity (absolute path, size, modification time) and every
+setting that changes the slices (:class:`SliceSettings`), so a changed file or setting
+rebuilds only the entries it affects. An entry is built in a temporary folder and renamed
+into place only once complete; an entry whose description is missing, unreadable or does
+not match its array is rebuilt, never read.
+
+Clearing the cache is deleting the folder (``rm -rf ./cache``); ``--no_cache`` builds the
+same entries in a temporary folder removed at exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.intensity import HUWindow, pixels_to_network, window_for
+from data.slicing import resize_slices, volume_to_slices
+from data.volume_io import VolumeError, read_volume, strip_nifti_suffix
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the layout or the meaning of an entry changes
+SLICES_FILE = "slices.npy"
+ENTRY_FILE = "entry.json"
+
+
+@dataclass(frozen=True)
+class SliceSettings:
+    """Every option that changes the cached slices of a volume."""
+
+    slice_axis: str = "axial"
+    resize_to: int = 512
+    intensity: str = "volume"
+    hu_min: float = -1024.0
+    hu_max: float = 3071.0
+
+    def key_fields(self) -> dict:
+        fields = dataclasses.asdict(self)
+        if self.intensity == "volume":  # the fixed window plays no part then
+            fields.pop("hu_min"), fields.pop("hu_max")
+        return fields
+
+
+@dataclass(frozen=True)
+class CachedVolume:
+    """One volume's slices on disk and what is known about them.
+
+    Attributes:
+        source: the NIfTI file.
+        folder: the cache entry folder.
+        n_slices: number of slices N along the slice axis.
+        canonical_shape: (X, Y, Z) shape of the canonical volume.
+        canonical_affine: (4, 4) world affine of the canonical volume (mm).
+        window: the intensity window the slices were normalised with.
+        finite: (N,) bool, slice has only finite voxels.
+        blank: (N,) bool, slice is constant (carries no image).
+    """
+
+    source: Path
+    folder: Path
+    n_slices: int
+    canonical_shape: tuple[int, int, int]
+    canonical_affine: np.ndarray
+    window: HUWindow
+    finite: np.ndarray
+    blank: np.ndarray
+
+    @property
+    def usable(self) -> np.ndarray:
+        """(N,) bool: slices fit to train on."""
+        return self.finite & ~self.blank
+
+    def open_slices(self) -> np.ndarray:
+        """(N, S, S) float16 memory map in [-1, 1]; opened lazily, so cheap per worker."""
+        return np.load(self.folder / SLICES_FILE, mmap_mode="r")
+
+
+def cache_key(path: Path, settings: SliceSettings) -> str:
+    stat = path.stat()
+    identity = {
+        "format": CACHE_FORMAT,
+        "path": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "settings": settings.key_fields(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cached_volume(path: Path, settings: SliceSettings, cache_dir: Path) -> tuple[CachedVolume, bool]:
+    """The cache entry of ``path`` under ``settings``, built first if missing or damaged.
+
+    Returns:
+        ``(entry, built)``: ``built`` is True when the volume had to be decoded now.
+
+    Raises:
+        VolumeError: the file cannot be read, or has no finite or non-constant voxels.
+    """
+    path = Path(path)
+    try:
+        key = cache_key(path, settings)
+    except OSError as err:
+        raise VolumeError(path, f"cannot be accessed ({err.strerror or err})") from err
+    folder = Path(cache_dir) / f"{strip_nifti_suffix(path.name)}-{key}"
+    entry = _load_entry(folder, path)
+    if entry is not None:
+        return entry, False
+    if folder.exists():
+        logger.warning("%s: cache entry %s is damaged or incomplete; rebuilding it", path, folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    return _build_entry(path, settings, folder), True
+
+
+def _build_entry(path: Path, settings: SliceSettings, folder: Path) -> CachedVolume:
+    volume, meta = read_volume(path)
+    try:
+        window = window_for(volume, settings.intensity, settings.hu_min, settings.hu_max)
+    except ValueError as err:
+        raise VolumeError(path, str(err)) from err
+
+    raw = volume_to_slices(volume, settings.slice_axis)  # (N, H, W) in file units
+    finite = np.isfinite(raw).all(axis=(1, 2))
+    with np.errstate(invalid="ignore"):
+        blank = np.nanmax(raw, axis=(1, 2)) <= np.nanmin(raw, axis=(1, 2))
+    blank |= np.isnan(raw).all(axis=(1, 2))
+    if not (finite & ~blank).any():
+        raise VolumeError(path, "no usable slice: every slice has NaN/Inf voxels or is constant")
+
+    # Non-finite voxels become the window's floor so that the slice can still serve as a
+    # neighbour in 2.5D inputs; slices holding them are never used as training samples.
+    pixels = window(np.nan_to_num(raw, nan=window.lo_hu, posinf=window.hi_hu, neginf=window.lo_hu))
+    size = (settings.resize_to, settings.resize_to)
+
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        slices = np.lib.format.open_memmap(partial / SLICES_FILE, mode="w+", dtype=np.float16, shape=(len(raw), *size))
+        chunk = 16  # bounded memory: resize a few slices at a time
+        for start in range(0, len(raw), chunk):
+            block = resize_slices(pixels[start : start + chunk], size).numpy()
+            slices[start : start + chunk] = pixels_to_network(block)
+        slices.flush()
+        del slices
+        description = {
+            "format": CACHE_FORMAT,
+            "source": str(path.resolve()),
+            "n_slices": int(len(raw)),
+            "slice_size": list(size),
+            "canonical_shape": list(meta.canonical_shape),
+            "canonical_affine": meta.canonical_affine.tolist(),
+            "window": window.as_dict(),
+            "finite": finite.tolist(),
+            "blank": blank.tolist(),
+            "settings": dataclasses.asdict(settings),
+        }
+        # Written last: an entry without its description is incomplete by construction.
+        (partial / ENTRY_FILE).write_text(json.dumps(description))
+        try:
+            os.replace(partial, folder)
+        except OSError:
+            # Another process finished the same entry first; theirs is as good as ours.
+            if _load_entry(folder, path) is None:
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    entry = _load_entry(folder, path)
+    if entry is None:
+        raise RuntimeError(f"{folder}: cache entry unreadable right after it was written")
+    return entry
+
+
+def _load_entry(folder: Path, source: Path) -> CachedVolume | None:
+    """The entry in ``folder`` if it is complete and consistent, else None."""
+    try:
+        description = json.loads((folder / ENTRY_FILE).read_text())
+        if description.get("format") != CACHE_FORMAT:
+            return None
+        n_slices = int(description["n_slices"])
+        slices = np.load(folder / SLICES_FILE, mmap_mode="r")
+        expected_shape = (n_slices, *description["slice_size"])
+        if slices.dtype != np.float16 or slices.shape != expected_shape:
+            return None
+        # A truncated array file fails np.load above; check the size as well for a file
+        # that was cut exactly at the end of its header.
+        if (folder / SLICES_FILE).stat().st_size < slices.nbytes:
+            return None
+        finite = np.asarray(description["finite"], dtype=bool)
+        blank = np.asarray(description["blank"], dtype=bool)
+        if finite.shape != (n_slices,) or blank.shape != (n_slices,):
+            return None
+        return CachedVolume(
+            source=source,
+            folder=folder,
+            n_slices=n_slices,
+            canonical_shape=tuple(description["canonical_shape"]),
+            canonical_affine=np.asarray(description["canonical_affine"], dtype=np.float64),
+            window=HUWindow(**description["window"]),
+            finite=finite,
+            blank=blank,
+        )
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,336 @@
+"""The one seam between the project and NIfTI files: the only module that imports nibabel.
+
+Contract
+--------
+``read_volume(path)`` returns ``(volume, meta)``:
+
+* ``volume``: a ``float32`` array of shape ``(X, Y, Z)`` in **canonical RAS+ axis order**:
+  axis 0 runs left -> right, axis 1 posterior -> anterior, axis 2 inferior -> superior,
+  whatever the order in which the file stores its voxels. An *axial* slice is therefore
+  ``volume[:, :, k]``, a coronal one ``volume[:, k, :]``, a sagittal one ``volume[k, :, :]``.
+  Values are in the file's units after ``scl_slope``/``scl_inter`` scaling (Hounsfield
+  units for CT). Reorientation only permutes and flips axes; voxels are never resampled.
+* ``meta``: a :class:`VolumeMeta` holding the file's own header, affine and storage order.
+
+``write_volume(path, volume, meta)`` takes a canonical array and the ``meta`` that
+``read_volume`` returned and writes it back in the source file's exact grid: same storage
+order, shape, affine, qform/sform (with their codes), voxel sizes, units, NIfTI version and
+byte order. Writing is atomic (temporary file, then rename), so a failed or interrupted
+write never leaves a half-written output under the final name.
+
+Every problem with a file surfaces as :class:`VolumeError`, whose message starts with the
+file's path and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+OUTPUT_DTYPES = ("int16", "float32")
+# A header that claims more voxels than this is refused before any memory is allocated:
+# 2**31 float32 voxels are 8 GiB, far above any CT volume (512 x 512 x 2000 is 0.5e9).
+MAX_VOXELS = 2**31
+_CANONICAL = axcodes2ornt("RAS")
+_INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+
+
+class VolumeError(ValueError):
+    """A file that cannot be used as a volume. ``str(err)`` is ``"<path>: <problem>"``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    """True for names ending in ``.nii`` or ``.nii.gz`` (case-insensitive)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``"patient_1.nii.gz"`` -> ``"patient_1"``."""
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@dataclass(frozen=True)
+class VolumeMeta:
+    """Geometry and header of a volume, enough to write an array back onto its grid.
+
+    Attributes:
+        affine: (4, 4) storage affine: storage voxel indices -> world millimetres (RAS).
+        storage_shape: shape of the 3D array as stored in the file.
+        header: a copy of the source file's header, or None for a volume made in memory.
+        image_class: ``nib.Nifti1Image`` or ``nib.Nifti2Image``.
+        source: the file that was read, if any.
+    """
+
+    affine: np.ndarray
+    storage_shape: tuple[int, int, int]
+    header: nib.nifti1.Nifti1Header | None = None
+    image_class: type = nib.Nifti1Image
+    source: Path | None = None
+
+    @property
+    def _to_canonical(self) -> np.ndarray:
+        return ornt_transform(io_orientation(self.affine), _CANONICAL)
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        """Shape of the array ``read_volume`` returns: (X, Y, Z) in RAS+ order."""
+        axes = self._to_canonical[:, 0].astype(int)
+        shape = [0, 0, 0]
+        for storage_axis, canonical_axis in enumerate(axes):
+            shape[canonical_axis] = self.storage_shape[storage_axis]
+        return tuple(shape)
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """(4, 4) affine of the canonical array: canonical voxel indices -> world mm."""
+        return self.affine @ inv_ornt_aff(self._to_canonical, self.storage_shape)
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel size in millimetres along the canonical (X, Y, Z) axes."""
+        return tuple(float(s) for s in np.linalg.norm(self.canonical_affine[:3, :3], axis=0))
+
+    def to_canonical(self, storage_array: np.ndarray) -> np.ndarray:
+        """Storage-order array -> canonical RAS+ array (axes permuted/flipped, no copy)."""
+        return apply_orientation(storage_array, self._to_canonical)
+
+    def to_storage(self, canonical_array: np.ndarray) -> np.ndarray:
+        """Canonical RAS+ array -> the file's storage order (inverse of ``to_canonical``)."""
+        back = ornt_transform(_CANONICAL, io_orientation(self.affine))
+        return apply_orientation(canonical_array, back)
+
+
+def new_volume_meta(affine: np.ndarray, shape: tuple[int, int, int]) -> VolumeMeta:
+    """A :class:`VolumeMeta` for a volume made in memory (e.g. a phantom).
+
+    Args:
+        affine: (4, 4) storage affine in mm; it also fixes the storage order of the file.
+        shape: storage shape (3 ints).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got {affine.shape}")
+    if len(shape) != 3:
+        raise ValueError(f"shape must have 3 dimensions, got {shape}")
+    return VolumeMeta(affine=affine, storage_shape=tuple(int(s) for s in shape))
+
+
+def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.ndarray, VolumeMeta]:
+    """Read a NIfTI-1/2 volume as canonical (X, Y, Z) float32 in the file's units (HU for CT).
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        frame: for a 4D file with several frames, which frame (0-based) to take. A 4D file
+            with a single frame is read as 3D without it.
+
+    Returns:
+        ``(volume, meta)``; see the module docstring for the axis order.
+
+    Raises:
+        VolumeError: the file is missing, unreadable, not NIfTI, corrupt, truncated, not 3D,
+            or of a data type that is not a real number.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        # nibabel raises many types on corrupt input (ImageFileError, EOFError, zlib.error,
+        # struct.error, ValueError, OSError, ...): at this boundary they all mean the same.
+        image = nib.load(path)
+    except Exception as err:  # noqa: BLE001 - re-raised as the project's error type
+        raise VolumeError(path, f"cannot be read as NIfTI ({_describe(err)})") from err
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise VolumeError(path, f"is a {type(image).__name__}, not a NIfTI-1/2 image")
+
+    header = image.header
+    shape = tuple(int(s) for s in image.shape)
+    _check_dtype(path, header)
+    _check_claimed_size(path, header, shape)
+    spatial_shape, frame_index = _select_frame(path, shape, frame)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(path, "has a degenerate or non-finite affine; cannot tell its orientation")
+
+    try:
+        proxy = image.dataobj
+        # Slicing the proxy applies scl_slope/scl_inter and reads only the frame we need.
+        data = proxy[(slice(None),) * 3 + (frame_index,)] if frame_index is not None else proxy[...]
+        data = np.asarray(data, dtype=np.float32).reshape(spatial_shape)
+    except Exception as err:  # noqa: BLE001 - corrupt payloads fail in many ways, see above
+        raise VolumeError(path, f"voxel data cannot be decoded ({_describe(err)})") from err
+
+    meta = VolumeMeta(
+        affine=affine,
+        storage_shape=spatial_shape,
+        header=header.copy(),
+        image_class=type(image),
+        source=path,
+    )
+    return np.ascontiguousarray(meta.to_canonical(data)), meta
+
+
+def write_volume(
+    path: str | os.PathLike,
+    volume: np.ndarray,
+    meta: VolumeMeta,
+    dtype: str = "int16",
+) -> Path:
+    """Write a canonical (X, Y, Z) array onto the grid described by ``meta``, atomically.
+
+    Args:
+        path: output file; ``.nii.gz`` is compressed, ``.nii`` is not.
+        volume: canonical RAS+ array of shape ``meta.canonical_shape``, in the file's units.
+        meta: what ``read_volume`` (or ``new_volume_meta``) returned.
+        dtype: ``"int16"`` (values rounded and clipped to the int16 range, no scaling) or
+            ``"float32"``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+    if not is_nifti_path(path):
+        raise ValueError(f"{path}: output name must end in .nii or .nii.gz")
+    volume = np.asarray(volume)
+    if volume.shape != meta.canonical_shape:
+        raise ValueError(f"{path}: volume shape {volume.shape} differs from the grid's {meta.canonical_shape}")
+
+    data = np.ascontiguousarray(meta.to_storage(volume))
+    if dtype == "int16":
+        data = np.clip(np.rint(data), *_INT16_RANGE).astype(np.int16)
+    else:
+        data = data.astype(np.float32)
+
+    image = _build_image(data, meta)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    temporary = path.with_name(f".{strip_nifti_suffix(path.name)}.partial-{os.getpid()}{suffix}")
+    try:
+        nib.save(image, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def _build_image(data: np.ndarray, meta: VolumeMeta) -> nib.Nifti1Image:
+    if meta.header is None:
+        image = nib.Nifti1Image(data, meta.affine)
+        image.set_qform(meta.affine, code="scanner")
+        image.set_sform(meta.affine, code="scanner")
+        image.header.set_xyzt_units(xyz="mm")
+    else:
+        header = meta.header.copy()
+        # With affine=None nibabel keeps the header's qform/sform (and their codes) verbatim,
+        # so the output overlays the input exactly; only shape and data type are updated.
+        image = meta.image_class(data, None, header=header)
+    image.header.set_data_dtype(data.dtype)
+    image.header.set_slope_inter(1.0, 0.0)
+    image.header["cal_min"] = 0
+    image.header["cal_max"] = 0
+    return image
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VolumeError(path, "file not found")
+    if not path.is_file():
+        raise VolumeError(path, "is not a regular file")
+    if not is_nifti_path(path):
+        raise VolumeError(path, "name does not end in .nii or .nii.gz")
+    if path.stat().st_size == 0:
+        raise VolumeError(path, "is empty (0 bytes)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise VolumeError(path, f"cannot be opened ({err.strerror or err})") from err
+
+
+def _check_dtype(path: Path, header) -> None:
+    dtype = header.get_data_dtype()
+    if dtype.kind not in "iuf" or dtype.fields is not None:
+        raise VolumeError(path, f"stores {dtype} voxels; expected integer or floating-point intensities")
+
+
+def _check_claimed_size(path: Path, header, shape: tuple[int, ...]) -> None:
+    """Refuse a header that claims more voxel data than the file can hold, before allocating."""
+    n_voxels = int(np.prod(shape, dtype=np.float64))
+    if n_voxels > MAX_VOXELS:
+        raise VolumeError(path, f"header claims {n_voxels:,} voxels (shape {shape}), above the limit of {MAX_VOXELS:,}")
+    offset = int(header.get_data_offset())
+    needed = offset + n_voxels * header.get_data_dtype().itemsize
+    if path.name.lower().endswith(".gz"):
+        stored = _gzip_uncompressed_size(path)
+        # The gzip trailer holds the uncompressed size modulo 2**32; compare only where exact.
+        if stored is not None and needed < 2**32 and stored < needed:
+            raise VolumeError(
+                path,
+                f"holds {stored:,} bytes once decompressed but its header claims {needed:,} "
+                f"(shape {shape}): truncated, or a header that claims more voxels than the file holds",
+            )
+    elif path.stat().st_size < needed:
+        raise VolumeError(
+            path,
+            f"is {path.stat().st_size:,} bytes but its header claims {needed:,} (shape {shape}): "
+            "truncated, or a header that claims more voxels than the file holds",
+        )
+
+
+def _gzip_uncompressed_size(path: Path) -> int | None:
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return None
+        f.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", f.read(4))[0]
+
+
+def _select_frame(path: Path, shape: tuple[int, ...], frame: int | None) -> tuple[tuple[int, int, int], int | None]:
+    """Spatial shape of the volume to read and, for 4D files, the frame index to take."""
+    # Trailing singleton dimensions (a 4D file with one frame, a 5D file with one component)
+    # describe a 3D volume.
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise VolumeError(path, f"is a 2D image (shape {shape}); expected a 3D volume")
+    if len(shape) > 4:
+        raise VolumeError(path, f"has {len(shape)} dimensions (shape {shape}); expected a 3D volume")
+    if len(shape) == 3:
+        if frame not in (None, 0):
+            raise VolumeError(path, f"is 3D (shape {shape}) and has no frame {frame}")
+        return shape, None
+    n_frames = shape[3]
+    if frame is None:
+        raise VolumeError(path, f"is 4D with {n_frames} frames (shape {shape}); choose one with --frame K (0..{n_frames - 1})")
+    if not 0 <= frame < n_frames:
+        raise VolumeError(path, f"has frames 0..{n_frames - 1}; --frame {frame} is out of range")
+    return shape[:3], frame
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    name = type(err).__name__
+    if isinstance(err, gzip.BadGzipFile | EOFError) and not text:
+        text = "truncated or corrupt gzip stream"
+    return f"{name}: {text}" if text else name

@@ -1,0 +1,34 @@
+"""Model plug-ins: ``--model X`` finds ``models/X_model.py``.
+
+A plug-in module defines a :class:`models.base_model.BaseModel` subclass and registers it
+with ``@MODELS.register("X")``. This package knows tensors, never files of data: it does
+not import ``data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from util.registry import Registry, load_plugin, plugin_names
+
+MODELS = Registry("model")
+_PACKAGE_DIR = Path(__file__).parent
+MODEL_NAMES = plugin_names(_PACKAGE_DIR, "_model")
+
+
+def find_model_using_name(model_name: str):
+    """The model class registered as ``model_name`` (imports its module)."""
+    return load_plugin("models", _PACKAGE_DIR, "_model", model_name, MODELS)
+
+
+def get_option_setter(model_name: str):
+    return find_model_using_name(model_name).modify_commandline_options
+
+
+def create_model(opt: argparse.Namespace):
+    """Build the model named by ``opt.model``; call ``model.setup(opt)`` next."""
+    return find_model_using_name(opt.model)(opt)
+
+
+from models import networks  # noqa: E402,F401  (re-exported for `models.networks.X` in options)

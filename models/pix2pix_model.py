@@ -1,0 +1,121 @@
+"""``--model pix2pix``: a conditional GAN, G: A -> B, with an L1 term (Isola et al., 2017).
+
+Losses: ``G_GAN`` (fool D), ``G_L1`` (``lambda_L1 * |G(A) - B|``), ``D_real``, ``D_fake``; with
+``--gan_mode wgangp`` the discriminator loss adds a gradient penalty (``D_GP``). D judges
+the pair ``cat(A, B)`` in overlapping patches (70x70 for ``--netD basic``).
+
+Under torchrun the gradients of each network are averaged across processes after every
+backward pass (one all-reduce per network), so the networks are never wrapped and their
+state-dict keys stay upstream's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models import MODELS
+from models.base_model import BaseModel
+from models.networks import GAN_MODES, GANLoss, cal_gradient_penalty, define_D, define_G
+
+
+def set_requires_grad(nets: list[nn.Module], requires_grad: bool) -> None:
+    for net in nets:
+        for param in net.parameters():
+            param.requires_grad = requires_grad
+
+
+def average_gradients(net: nn.Module) -> None:
+    """Average ``net``'s gradients over all processes (no-op outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+@MODELS.register("pix2pix")
+class Pix2PixModel(BaseModel):
+    @staticmethod
+    def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
+        # pix2pix's defaults: U-Net 256 with batch norm, no image pool, vanilla GAN loss.
+        parser.set_defaults(norm="batch", netG="unet_256")
+        if is_train:
+            parser.add_argument("--gan_mode", default="vanilla", choices=GAN_MODES,
+                                help="vanilla: cross-entropy; lsgan: least squares; wgangp: Wasserstein with gradient penalty")
+            parser.add_argument("--lambda_L1", type=float, default=100.0, help="weight of the L1 loss")
+            parser.add_argument("--lambda_gp", type=float, default=10.0, help="weight of the gradient penalty (wgangp)")
+        return parser
+
+    def __init__(self, opt: argparse.Namespace, device: torch.device):
+        super().__init__(opt, device)
+        self.loss_names = ["G_GAN", "G_L1", "D_real", "D_fake"]
+        self.visual_names = ["real_A", "fake_B", "real_B"]
+        self.model_names = ["G", "D"] if self.is_train else ["G"]
+        gpu_ids = [device.index] if device.type == "cuda" else []
+        self.netG = define_G(
+            opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, not opt.no_dropout,
+            opt.init_type, opt.init_gain, gpu_ids,
+        )
+        if not self.is_train:
+            return
+        # D sees the condition and the image: (B, input_nc + output_nc, H, W)
+        self.netD = define_D(
+            opt.input_nc + opt.output_nc, opt.ndf, opt.netD, opt.n_layers_D, opt.norm,
+            opt.init_type, opt.init_gain, gpu_ids,
+        )
+        if opt.gan_mode == "wgangp":
+            self.loss_names.append("D_GP")
+        self.criterionGAN = GANLoss(opt.gan_mode).to(device)
+        self.criterionL1 = nn.L1Loss()
+        self.optimizer_G = torch.optim.Adam(self.netG.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
+        self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
+        self.optimizers = [self.optimizer_G, self.optimizer_D]
+
+    def set_input(self, batch: dict) -> None:
+        """``batch["A"]``: (B, input_nc, H, W), ``batch["B"]``: (B, output_nc, H, W), in [-1, 1]."""
+        self.real_A = batch["A"].to(self.device, non_blocking=True).float()
+        self.real_B = batch["B"].to(self.device, non_blocking=True).float()
+        self.image_paths = batch["A_paths"]
+
+    def forward(self) -> None:
+        self.fake_B = self.netG(self.real_A)
+
+    def backward_D(self) -> None:
+        fake_AB = torch.cat((self.real_A, self.fake_B), 1).detach()  # no gradient into G here
+        real_AB = torch.cat((self.real_A, self.real_B), 1)
+        self.loss_D_fake = self.criterionGAN(self.netD(fake_AB), False)
+        self.loss_D_real = self.criterionGAN(self.netD(real_AB), True)
+        self.loss_D = (self.loss_D_fake + self.loss_D_real) * 0.5
+        if self.opt.gan_mode == "wgangp":
+            self.loss_D_GP, _ = cal_gradient_penalty(self.netD, real_AB, fake_AB, self.device, lambda_gp=self.opt.lambda_gp)
+            self.loss_D = self.loss_D + self.loss_D_GP
+        self.loss_D.backward()
+
+    def backward_G(self) -> None:
+        fake_AB = torch.cat((self.real_A, self.fake_B), 1)
+        self.loss_G_GAN = self.criterionGAN(self.netD(fake_AB), True)
+        self.loss_G_L1 = self.criterionL1(self.fake_B, self.real_B) * self.opt.lambda_L1
+        self.loss_G = self.loss_G_GAN + self.loss_G_L1
+        self.loss_G.backward()
+
+    def optimize_parameters(self) -> None:
+        self.forward()
+        set_requires_grad([self.netD], True)
+        self.optimizer_D.zero_grad(set_to_none=True)
+        self.backward_D()
+        average_gradients(self.netD)
+        self.optimizer_D.step()
+        set_requires_grad([self.netD], False)  # D is fixed while G learns
+        self.optimizer_G.zero_grad(set_to_none=True)
+        self.backward_G()
+        average_gradients(self.netG)
+        self.optimizer_G.step()

@@ -1,0 +1,217 @@
+"""Flags shared by training and testing, and the parse -> validate -> save sequence.
+
+Options are parsed in stages, as in upstream pix2pix: the base flags first, then the flags
+that the chosen ``--model`` and ``--dataset_mode`` add, then (for test and resume) the
+defaults that the run folder's ``train_opt.json`` supplies, so that a trained model is
+rebuilt without repeating its training flags. The result is validated once and never
+changed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import models
+from models.generators import GENERATORS, required_divisor
+from models.norms import NORM_HELP, NORM_LAYERS
+
+# Flags that define the network and its inputs. A run folder's train_opt.json supplies
+# them as defaults at test time and on resume; an explicit flag still wins.
+MODEL_DEFINING_OPTIONS = (
+    "model", "netG", "netD", "ngf", "ndf", "n_layers_D", "norm", "no_dropout", "input_nc", "output_nc",
+    "init_type", "init_gain", "direction", "resize_to", "slice_axis", "axial_slice", "context_slices",
+    "intensity", "hu_min", "hu_max", "gan_mode",
+)
+OPTIONS_JSON = "train_opt.json"
+
+
+class OptionsError(ValueError):
+    """A flag value, or a combination of values, that cannot work."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_gpu_ids(text: str) -> list[int]:
+    """``"0,1"`` -> ``[0, 1]``; ``"-1"`` -> ``[]`` (CPU)."""
+    try:
+        ids = [int(part) for part in str(text).split(",") if part.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0 or 0,1 or -1, got {text!r}") from None
+    return [i for i in ids if i >= 0]
+
+
+def positive_int_or_inf(text: str) -> float:
+    value = float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+class BaseOptions:
+    """Build the parser, parse the command line once, validate, print and save."""
+
+    is_train = False
+
+    def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        default_gpus = "0" if torch.cuda.is_available() else "-1"
+        g = parser.add_argument_group("experiment")
+        g.add_argument("--dataroot", help="folder holding <phase>A/ and <phase>B/ (e.g. trainA/, trainB/)")
+        g.add_argument("--name", default="experiment_name", help="run name: checkpoints go to <checkpoints_dir>/<name>/")
+        g.add_argument("--gpu_ids", type=parse_gpu_ids, default=parse_gpu_ids(default_gpus),
+                       help=f"GPU ids, e.g. 0 or 0,1; -1 for the CPU (default here: {default_gpus})")
+        g.add_argument("--checkpoints_dir", default="./checkpoints", help="models are saved here")
+        g.add_argument("--seed", type=int, default=0, help="random seed for weights, shuffling and flips")
+
+        g = parser.add_argument_group("model")
+        g.add_argument("--model", default="pix2pix", choices=models.MODEL_NAMES, help="which model (models/<model>_model.py)")
+        g.add_argument("--input_nc", type=int, default=1, help="input channels (1 for CT; 1+2K with --context_slices K)")
+        g.add_argument("--output_nc", type=int, default=1, help="output channels (1 for CT)")
+        g.add_argument("--ngf", type=int, default=64, help="generator filters in the last conv layer")
+        g.add_argument("--ndf", type=int, default=64, help="discriminator filters in the first conv layer")
+        g.add_argument("--netD", default="basic", choices=sorted(models.networks.DISCRIMINATORS),
+                       help="basic: 70x70 PatchGAN; n_layers: PatchGAN with --n_layers_D; pixel: 1x1 PixelGAN")
+        g.add_argument("--netG", default="resnet_9blocks", choices=sorted(GENERATORS),
+                       help="generator; unet_N takes NxN slices down to 1x1 (pix2pix's default is unet_256)")
+        g.add_argument("--n_layers_D", type=int, default=3, help="layers of the n_layers discriminator")
+        g.add_argument("--norm", default="instance", choices=sorted(NORM_LAYERS), help=NORM_HELP)
+        g.add_argument("--init_type", default="normal", choices=sorted(models.networks.INIT_TYPES), help="weight initialisation")
+        g.add_argument("--init_gain", type=float, default=0.02, help="scale for normal, xavier and orthogonal init")
+        g.add_argument("--no_dropout", action="store_true", help="no dropout in the generator")
+
+        g = parser.add_argument_group("data")
+        g.add_argument("--dataset_mode", default="robust_nifti", choices=data.DATASET_MODES, help="data/<mode>_dataset.py")
+        g.add_argument("--direction", default="AtoB", choices=("AtoB", "BtoA"), help="AtoB: average -> phase 0")
+        g.add_argument("--serial_batches", action="store_true", help="take slices in order instead of shuffling")
+        g.add_argument("--num_threads", type=int, default=4, help="DataLoader worker processes (0: load in the main process)")
+        g.add_argument("--batch_size", type=int, default=1, help="slices per batch (per GPU under torchrun)")
+        g.add_argument("--preprocess", default="none", choices=("none",),
+                       help="kept for pix2pix compatibility; slices are resized with --resize_to")
+        g.add_argument("--no_flip", action="store_true", help="no random left-right flips of training slices")
+        g.add_argument("--max_dataset_size", type=positive_int_or_inf, default=float("inf"),
+                       help="use at most this many slices")
+        g.add_argument("--display_winsize", type=int, default=256, help="display size of images in Visdom and HTML")
+
+        g = parser.add_argument_group("loading")
+        g.add_argument("--epoch", default="latest", help="which checkpoint to load: latest, or an epoch number")
+        g.add_argument("--load_iter", type=int, default=0,
+                       help="if > 0, load the checkpoint saved at this iteration (iter_<n>) instead of --epoch")
+        g.add_argument("--verbose", action="store_true", help="print network architectures and debug messages")
+        g.add_argument("--suffix", default="", help="appended to --name, formatted with the options: e.g. {model}_{netG}")
+        return parser
+
+    # -- parsing ---------------------------------------------------------------------------
+    def build_parser(self, argv: list[str]) -> argparse.ArgumentParser:
+        """The full parser for ``argv``: base flags, plus those of the chosen plug-ins, with
+        defaults taken from a saved run where one applies."""
+        parser = self.initialize(OneLineErrorParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+        known, _ = parser.parse_known_args(argv)
+        models.get_option_setter(known.model)(parser, self.is_train)
+        known, _ = parser.parse_known_args(argv)
+        data.get_option_setter(known.dataset_mode)(parser, self.is_train)
+        known, _ = parser.parse_known_args(argv)
+        self.set_saved_defaults(parser, known)
+        known, _ = parser.parse_known_args(argv)
+        context = getattr(known, "context_slices", 0)
+        if context > 0 and not _given(argv, "--input_nc"):
+            parser.set_defaults(input_nc=1 + 2 * context)
+        return parser
+
+    def set_saved_defaults(self, parser: argparse.ArgumentParser, known: argparse.Namespace) -> None:
+        """Hook for test/resume: take model-defining defaults from the run's train_opt.json."""
+
+    def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
+        """Parse ``argv`` (default: the command line) into a validated, final ``opt``."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        parser = self.build_parser(argv)
+        opt = parser.parse_args(argv)
+        opt.isTrain = self.is_train
+        if opt.suffix:
+            opt.name = f"{opt.name}_{opt.suffix.format(**vars(opt))}"
+        try:
+            self.validate(opt, argv)
+        except OptionsError as err:
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+        self.parser = parser
+        return opt
+
+    def validate(self, opt: argparse.Namespace, argv: list[str]) -> None:
+        """Refuse values that cannot work, before any data is read."""
+        if hasattr(opt, "resize_to"):
+            divisor = required_divisor(opt.netG)
+            if opt.resize_to < divisor or opt.resize_to % divisor:
+                raise OptionsError(
+                    f"--resize_to {opt.resize_to} does not fit --netG {opt.netG}: its input must be a multiple of "
+                    f"{divisor} pixels to be halved down to 1x1 (use --resize_to {max(divisor, opt.resize_to // divisor * divisor)} "
+                    "or a smaller U-Net)"
+                )
+        if getattr(opt, "context_slices", 0) < 0:
+            raise OptionsError(f"--context_slices must be 0 or more, got {opt.context_slices}")
+        if getattr(opt, "context_slices", 0) and opt.input_nc != 1 + 2 * opt.context_slices:
+            raise OptionsError(
+                f"--input_nc {opt.input_nc} does not match --context_slices {opt.context_slices}: "
+                f"the input has 1+2K = {1 + 2 * opt.context_slices} channels (leave --input_nc out)"
+            )
+        if hasattr(opt, "hu_min") and opt.hu_max <= opt.hu_min:
+            raise OptionsError(f"--hu_max {opt.hu_max} must be above --hu_min {opt.hu_min}")
+        for flag in ("batch_size", "input_nc", "output_nc", "ngf", "ndf"):
+            if getattr(opt, flag) < 1:
+                raise OptionsError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
+        if opt.num_threads < 0:
+            raise OptionsError(f"--num_threads must be 0 or more, got {opt.num_threads}")
+        if opt.gpu_ids and not torch.cuda.is_available():
+            raise OptionsError(
+                f"--gpu_ids {','.join(map(str, opt.gpu_ids))}: CUDA is not available on this machine; use --gpu_ids -1 for the CPU"
+            )
+        if opt.gpu_ids and max(opt.gpu_ids) >= torch.cuda.device_count():
+            raise OptionsError(f"--gpu_ids {opt.gpu_ids}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+    # -- reporting -------------------------------------------------------------------------
+    def format_options(self, opt: argparse.Namespace) -> str:
+        """The options as a table, marking values that differ from the defaults."""
+        lines = ["----------------- Options ---------------"]
+        for key, value in sorted(vars(opt).items()):
+            default = self.parser.get_default(key)
+            note = f"\t[default: {default}]" if default is not None and value != default else ""
+            lines.append(f"{key:>25}: {value!s:<30}{note}")
+        lines.append("----------------- End -------------------")
+        return "\n".join(lines)
+
+    def save(self, opt: argparse.Namespace, folder: Path, phase: str) -> None:
+        """Write ``<phase>_opt.txt`` (for people) and, for training, ``train_opt.json`` (for code)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{phase}_opt.txt").write_text(self.format_options(opt) + "\n")
+        if phase == "train":
+            values = {k: (None if v == float("inf") else v) for k, v in vars(opt).items()}
+            (folder / OPTIONS_JSON).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def load_saved_options(run_folder: Path) -> dict | None:
+    """The options a run was trained with (``train_opt.json``), or None if there are none."""
+    path = Path(run_folder) / OPTIONS_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise OptionsError(f"{path}: unreadable ({err}); delete it or pass every model flag explicitly") from err
+
+
+def saved_model_defaults(parser: argparse.ArgumentParser, saved: dict) -> dict:
+    """The model-defining values of ``saved`` that ``parser`` knows."""
+    known = {action.dest for action in parser._actions}
+    return {key: saved[key] for key in MODEL_DEFINING_OPTIONS if key in saved and key in known}
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)

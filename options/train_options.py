@@ -1,0 +1,87 @@
+"""Training flags: display, saving, schedule, resume."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from options.base_options import BaseOptions, OptionsError, load_saved_options, saved_model_defaults
+from models.networks import LR_POLICIES
+
+
+class TrainOptions(BaseOptions):
+    is_train = True
+
+    def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser = super().initialize(parser)
+        g = parser.add_argument_group("display and logging")
+        g.add_argument("--display_freq", type=int, default=400, help="show training images every N iterations")
+        g.add_argument("--display_ncols", type=int, default=4, help="images per row in Visdom")
+        g.add_argument("--display_id", type=int, default=1, help="Visdom window id; 0 turns Visdom off")
+        g.add_argument("--display_server", default="http://localhost", help="Visdom server")
+        g.add_argument("--display_env", default="main", help="Visdom environment")
+        g.add_argument("--display_port", type=int, default=8097, help="Visdom port")
+        g.add_argument("--update_html_freq", type=int, default=1000, help="save training images to the HTML page every N iterations")
+        g.add_argument("--print_freq", type=int, default=100, help="print and log losses every N iterations")
+        g.add_argument("--no_html", action="store_true", help="do not write <checkpoints_dir>/<name>/web/")
+        g.add_argument("--log_dir", default="./logs", help="train_log_YYYYMMDD_HHMMSS.txt goes here")
+
+        g = parser.add_argument_group("saving and resuming")
+        g.add_argument("--save_latest_freq", type=int, default=5000, help="save 'latest' every N iterations")
+        g.add_argument("--save_epoch_freq", type=int, default=5, help="save <epoch>_net_*.pth every N epochs")
+        g.add_argument("--save_by_iter", action="store_true", help="also keep the iteration-numbered copy when saving 'latest'")
+        g.add_argument("--continue_train", action="store_true", help="resume from the checkpoint named by --epoch (default latest)")
+        g.add_argument("--epoch_count", type=int, default=1,
+                       help="number of the first epoch; on resume, defaults to the epoch after the saved one")
+        g.add_argument("--phase", default="train", help="data subfolders <phase>A/ and <phase>B/")
+
+        g = parser.add_argument_group("optimisation")
+        g.add_argument("--n_epochs", type=int, default=100, help="epochs at the initial learning rate")
+        g.add_argument("--n_epochs_decay", type=int, default=100, help="epochs over which the learning rate decays to zero")
+        g.add_argument("--beta1", type=float, default=0.5, help="Adam momentum term")
+        g.add_argument("--lr", type=float, default=0.0002, help="initial Adam learning rate")
+        g.add_argument("--lr_policy", default="linear", choices=LR_POLICIES, help="learning-rate schedule")
+        g.add_argument("--lr_decay_iters", type=int, default=50, help="step policy: multiply by 0.1 every N epochs")
+        return parser
+
+    def set_saved_defaults(self, parser: argparse.ArgumentParser, known: argparse.Namespace) -> None:
+        if not known.continue_train:
+            return
+        run_folder = Path(known.checkpoints_dir) / known.name
+        saved = load_saved_options(run_folder)
+        if saved is not None:
+            parser.set_defaults(**saved_model_defaults(parser, saved))
+            if saved.get("dataroot") and known.dataroot is None:
+                parser.set_defaults(dataroot=saved["dataroot"])
+        state = _read_epoch_done(run_folder, known.epoch)
+        if state is not None:
+            parser.set_defaults(epoch_count=state + 1)
+
+    def validate(self, opt: argparse.Namespace, argv: list[str]) -> None:
+        super().validate(opt, argv)
+        if not opt.dataroot:
+            raise OptionsError("--dataroot is required: the folder that holds trainA/ and trainB/")
+        if not Path(opt.dataroot).is_dir():
+            raise OptionsError(f"--dataroot {opt.dataroot}: folder not found")
+        if opt.n_epochs < 0 or opt.n_epochs_decay < 0 or opt.n_epochs + opt.n_epochs_decay < 1:
+            raise OptionsError(f"--n_epochs {opt.n_epochs} --n_epochs_decay {opt.n_epochs_decay}: need at least one epoch in all")
+        if opt.epoch_count < 1:
+            raise OptionsError(f"--epoch_count must be at least 1, got {opt.epoch_count}")
+        if opt.lr <= 0:
+            raise OptionsError(f"--lr must be positive, got {opt.lr}")
+        for flag in ("print_freq", "display_freq", "update_html_freq", "save_latest_freq", "save_epoch_freq"):
+            if getattr(opt, flag) < 1:
+                raise OptionsError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
+        if opt.continue_train:
+            run_folder = Path(opt.checkpoints_dir) / opt.name
+            label = f"iter_{opt.load_iter}" if opt.load_iter > 0 else opt.epoch
+            if not (run_folder / f"{label}_net_G.pth").is_file():
+                raise OptionsError(f"--continue_train: {run_folder / f'{label}_net_G.pth'} not found; nothing to resume")
+
+
+def _read_epoch_done(run_folder: Path, label: str) -> int | None:
+    """The last finished epoch recorded with checkpoint ``label``, if any."""
+    from models.base_model import read_train_state  # local: only needed on resume
+
+    state = read_train_state(run_folder, label)
+    return None if state is None else int(state["epoch"])

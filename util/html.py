@@ -1,0 +1,65 @@
+"""Static HTML pages of images, as upstream pix2pix writes them (``web/index.html``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dominate
+from dominate.tags import a, br, h3, img, meta, p, table, td, tr
+
+
+class HTML:
+    """A page in ``web_dir/index.html`` whose images live in ``web_dir/images/``.
+
+    Args:
+        web_dir: the page's folder.
+        title: page title.
+        refresh: reload the page every N seconds (0: never), for pages of a running job.
+    """
+
+    def __init__(self, web_dir: Path, title: str, refresh: int = 0):
+        self.web_dir = Path(web_dir)
+        self.img_dir = self.web_dir / "images"
+        self.img_dir.mkdir(parents=True, exist_ok=True)
+        self.doc = dominate.document(title=title)
+        if refresh > 0:
+            with self.doc.head:
+                meta(http_equiv="refresh", content=str(refresh))
+
+    def add_header(self, text: str) -> None:
+        with self.doc:
+            h3(text)
+
+    def add_text(self, text: str) -> None:
+        with self.doc:
+            p(text)
+
+    def add_table_rows(self, header: list[str], rows: list[list[str]]) -> None:
+        """A plain table (e.g. metrics): one header row, then the rows."""
+        with self.doc:
+            with table(border=1, style="border-collapse: collapse; margin: 8px 0"):
+                with tr():
+                    for cell in header:
+                        td(cell, style="padding: 2px 8px; font-weight: bold")
+                for row in rows:
+                    with tr():
+                        for cell in row:
+                            td(cell, style="padding: 2px 8px")
+
+    def add_images(self, images: list[str], captions: list[str], links: list[str], width: int = 256) -> None:
+        """One row of images; paths are relative to ``images/``."""
+        with self.doc:
+            with table(border=1, style="table-layout: fixed;"):
+                with tr():
+                    for image, caption, link in zip(images, captions, links, strict=True):
+                        with td(style="word-wrap: break-word;", halign="center", valign="top"):
+                            with p():
+                                with a(href=f"images/{link}"):
+                                    img(style=f"width:{width}px", src=f"images/{image}")
+                                br()
+                                p(caption)
+
+    def save(self) -> Path:
+        path = self.web_dir / "index.html"
+        path.write_text(self.doc.render())
+        return path
