@@ -1,7 +1,7 @@
 """An on-disk cache of normalised, resized slices, one entry per volume file.
 
 A volume is decoded once: its slices, already windowed, resized and in the network's
-[-1, 1] range, go to ``<cache_dir>/<file stem>-<key>/slices.npy`` (float16, shape
+[-1, 1] range, go to ``<cache_dir>/<folder>_<file stem>-<key>/slices.npy`` (float16, shape
 ``(N, S, S)``, read memory-mapped), with ``entry.json`` describing them. Training and every
 DataLoader worker read slices from there without touching the NIfTI file again, so memory
 is bounded by the batch, not the dataset.
@@ -117,7 +117,7 @@ def cached_volume(path: Path, settings: SliceSettings, cache_dir: Path) -> tuple
         key = cache_key(path, settings)
     except OSError as err:
         raise VolumeError(path, f"cannot be accessed ({err.strerror or err})") from err
-    folder = Path(cache_dir) / f"{strip_nifti_suffix(path.name)}-{key}"
+    folder = Path(cache_dir) / f"{path.parent.name}_{strip_nifti_suffix(path.name)}-{key}"
     entry = _load_entry(folder, path)
     if entry is not None:
         return entry, False

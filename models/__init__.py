@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from util.registry import Registry, load_plugin, plugin_names
 
 MODELS = Registry("model")
@@ -26,9 +28,9 @@ def get_option_setter(model_name: str):
     return find_model_using_name(model_name).modify_commandline_options
 
 
-def create_model(opt: argparse.Namespace):
-    """Build the model named by ``opt.model``; call ``model.setup(opt)`` next."""
-    return find_model_using_name(opt.model)(opt)
+def create_model(opt: argparse.Namespace, device: torch.device):
+    """Build the model named by ``opt.model`` on ``device``; call ``model.setup(opt)`` next."""
+    return find_model_using_name(opt.model)(opt, device)
 
 
 from models import networks  # noqa: E402,F401  (re-exported for `models.networks.X` in options)

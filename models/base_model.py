@@ -128,7 +128,7 @@ class BaseModel(ABC):
 
     # -- reporting ------------------------------------------------------------------------
     def get_current_losses(self) -> OrderedDict[str, float]:
-        return OrderedDict((name, float(getattr(self, f"loss_{name}"))) for name in self.loss_names)
+        return OrderedDict((name, getattr(self, f"loss_{name}").item()) for name in self.loss_names)
 
     def get_current_visuals(self) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict((name, getattr(self, name)) for name in self.visual_names)
