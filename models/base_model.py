@@ -200,7 +200,7 @@ def load_state_dict_file(net: nn.Module, path: Path, device: torch.device) -> No
         raise CheckpointError(f"{path}: checkpoint not found (check --name, --epoch and --checkpoints_dir)")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+    except Exception as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a state dict")

@@ -18,7 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .norms import NormFactory, lookup, uses_bias
+from util.registry import lookup
+
+from .norms import NormFactory, uses_bias
 
 
 class UnetSkipConnectionBlock(nn.Module):

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from util.registry import lookup
+
 from .discriminators import DISCRIMINATORS, NLayerDiscriminator, PixelDiscriminator
 from .generators import (
     GENERATORS,
@@ -30,7 +32,7 @@ from .generators import (
     required_divisor,
 )
 from .losses import GAN_MODES, GANLoss, cal_gradient_penalty
-from .norms import NORM_HELP, NORM_LAYERS, get_norm_layer, lookup, to_sync_batchnorm
+from .norms import NORM_HELP, NORM_LAYERS, get_norm_layer, to_sync_batchnorm
 from .schedulers import LR_POLICIES, get_scheduler
 from .weights import INIT_TYPES, init_net, init_weights
 

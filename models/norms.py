@@ -1,4 +1,4 @@
-"""Normalisation layers for ``--norm`` and the name lookup every model registry shares.
+"""Normalisation layers for ``--norm``.
 
 A norm layer factory is a callable ``factory(num_features: int) -> nn.Module``. The
 networks call it once per normalised feature map and decide whether their convolutions
@@ -24,32 +24,14 @@ none           nn.Identity                            none
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Callable
 
 import torch.distributed as dist
 from torch import nn
 
-from util.registry import unknown_name_error
+from util.registry import lookup
 
 NormFactory = Callable[[int], nn.Module]
-T = TypeVar("T")
-
-
-def lookup(table: Mapping[str, T], name: str, what: str) -> T:
-    """Return ``table[name]``, or raise a ValueError naming the valid keys and the closest.
-
-    Args:
-        table: a registry (name -> anything).
-        name: the requested name, e.g. the value of ``--netG``.
-        what: what the table holds, for the message, e.g. ``"generator (--netG)"``.
-
-    Raises:
-        ValueError: ``name`` is not a key of ``table`` (see ``unknown_name_error``).
-    """
-    if name in table:
-        return table[name]
-    raise unknown_name_error(what, name, table)
 
 
 def _no_norm(num_features: int) -> nn.Module:

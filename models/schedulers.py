@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch.optim import Optimizer, lr_scheduler
 
-from .norms import lookup
+from util.registry import lookup
 
 
 def _linear(

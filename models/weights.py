@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import init
 
-from .norms import lookup
+from util.registry import lookup
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def unknown_name_error(kind: str, name: str, valid: Iterable[str]) -> ValueError:
@@ -14,6 +17,19 @@ def unknown_name_error(kind: str, name: str, valid: Iterable[str]) -> ValueError
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ValueError(f"unknown {kind} {name!r}: choose one of {', '.join(valid)}{hint}")
+
+
+def lookup(table: Mapping[str, T], name: str, what: str) -> T:
+    """``table[name]``, or a ValueError naming the valid keys and the closest one.
+
+    Args:
+        table: name -> anything, e.g. ``GENERATORS``.
+        name: the requested name, e.g. the value of ``--netG``.
+        what: what the table holds, for the message, e.g. ``"generator (--netG)"``.
+    """
+    if name in table:
+        return table[name]
+    raise unknown_name_error(what, name, table)
 
 
 class Registry(dict):
