@@ -32,16 +32,38 @@ def create_dataset(opt: argparse.Namespace):
     return find_dataset_using_name(opt.dataset_mode)(opt)
 
 
-def create_dataloader(dataset, opt: argparse.Namespace, sampler=None) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``dataset`` with the loader flags of ``opt``."""
+def create_dataloader(
+    dataset,
+    opt: argparse.Namespace,
+    sampler=None,
+    *,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` with the loader flags of ``opt``.
+
+    Args:
+        dataset: a map-style dataset, e.g. from :func:`create_dataset`.
+        opt: supplies ``num_threads`` (worker processes), ``batch_size``, ``serial_batches``
+            and ``gpu_ids``.
+        sampler: e.g. a ``DistributedSampler`` under torchrun; shuffling is then its job.
+        pin_memory: page-locked batches for faster copies to the GPU; default: when
+            training on a GPU.
+        persistent_workers: keep worker processes between epochs; default: when there are
+            workers (benchmarks/data_throughput.py measures both).
+    """
     workers = int(opt.num_threads)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available() and bool(opt.gpu_ids)
+    if persistent_workers is None:
+        persistent_workers = workers > 0
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=opt.batch_size,
         shuffle=(sampler is None and not opt.serial_batches),
         sampler=sampler,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available() and bool(opt.gpu_ids),
-        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and workers > 0,
         drop_last=False,
     )

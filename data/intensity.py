@@ -70,10 +70,12 @@ def window_for(volume: np.ndarray, mode: str, hu_min: float, hu_max: float) -> H
         return HUWindow(hu_min, hu_max)
     if mode != "volume":
         raise ValueError(f"unknown intensity mode {mode!r}: choose one of {', '.join(INTENSITY_MODES)}")
-    finite = volume[np.isfinite(volume)]
-    if finite.size == 0:
-        raise ValueError("no finite voxels")
-    lo, hi = float(finite.min()), float(finite.max())
+    lo, hi = float(np.min(volume)), float(np.max(volume))
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or Inf somewhere: look at the rest
+        finite = volume[np.isfinite(volume)]
+        if finite.size == 0:
+            raise ValueError("no finite voxels")
+        lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
         raise ValueError(f"constant volume (every voxel is {lo:g})")
     return HUWindow(lo, hi)

@@ -159,7 +159,15 @@ def load_pairs(
 
 @DATASETS.register("robust_nifti")
 class RobustNiftiDataset(BaseDataset):
-    """Paired slices; item ``i`` is ``{"A": (C_in, S, S), "B": (C_out, S, S), ...}`` in [-1, 1]."""
+    """Paired slices; item ``i`` is ``{"A": (C_in, S, S), "B": (C_out, S, S), ...}`` in [-1, 1].
+
+    ``A`` and ``B`` are float16, the cache's own precision (about 0.06 of the 0-255 range):
+    served as stored, a slice costs one copy out of the page cache and half the bytes of
+    float32 between worker processes and to the GPU. The model casts them with ``.float()``.
+    """
+
+    # What __getitem__ returns; benchmarks/data_throughput.py compares float32.
+    sample_dtype = torch.float16
 
     @staticmethod
     def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
@@ -200,7 +208,7 @@ class RobustNiftiDataset(BaseDataset):
             for k in np.flatnonzero(a.usable & b.usable)
         ]
         if opt.max_dataset_size < len(self.samples):
-            self.samples = self.samples[: opt.max_dataset_size]
+            self.samples = self.samples[: int(opt.max_dataset_size)]
         self._open: dict[Path, np.ndarray] = {}  # memory maps, opened per process on first use
 
     def summary_lines(self) -> list[str]:
@@ -229,16 +237,33 @@ class RobustNiftiDataset(BaseDataset):
         if self.opt.direction == "BtoA":
             entry_a, entry_b = entry_b, entry_a
         # (1+2K, S, S): the slice and its K neighbours on each side
-        channels = context_indices(k, entry_a.n_slices, self.context_slices)
-        a = np.asarray(self._slices(entry_a)[channels], dtype=np.float32)
-        b = np.asarray(self._slices(entry_b)[k : k + 1], dtype=np.float32)
+        a = _channels(self._slices(entry_a), context_indices(k, entry_a.n_slices, self.context_slices))
+        b = _channels(self._slices(entry_b), np.array([k]))
         if self.flip and random.random() < 0.5:
-            a, b = a[..., ::-1], b[..., ::-1]
+            a, b = _flip_columns(a), _flip_columns(b)
         return {
-            "A": torch.from_numpy(np.ascontiguousarray(a)),
-            "B": torch.from_numpy(np.ascontiguousarray(b)),
+            "A": a.to(self.sample_dtype),
+            "B": b.to(self.sample_dtype),
             "A_paths": str(entry_a.source),
             "B_paths": str(entry_b.source),
             "slice_index": k,
             "patient": strip_nifti_suffix(entry_a.source.name),
         }
+
+
+def _channels(slices: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    """(C, S, S) float16 tensor of ``slices[indices]``; a view of the cache when they are consecutive."""
+    first, last = int(indices[0]), int(indices[-1])
+    if last - first == len(indices) - 1:
+        # A view: the batch's collation is then the only copy out of the page cache.
+        return torch.from_numpy(np.asarray(slices[first : last + 1]))
+    return torch.from_numpy(np.asarray(slices[indices]))  # edge slices repeated: a copy
+
+
+def _flip_columns(image: torch.Tensor) -> torch.Tensor:
+    """Left-right flip of a (C, S, S) float16 tensor, as a new tensor.
+
+    Flipped as int16 (same bits): torch's CPU flip is vectorised for integers, several
+    times faster than for float16.
+    """
+    return image.view(torch.int16).flip(-1).view(torch.float16)

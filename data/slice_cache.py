@@ -19,15 +19,18 @@ same entries in a temporary folder removed at exit.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data.intensity import HUWindow, pixels_to_network, window_for
 from data.slicing import resize_slices, volume_to_slices
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the layout or the meaning of an entry changes
 SLICES_FILE = "slices.npy"
 ENTRY_FILE = "entry.json"
+PARTIAL_MARK = ".partial-"  # <entry>.partial-<host>-<pid>: a build in progress (or abandoned)
+BUILD_CHUNK = 16  # slices windowed and resized at a time: bounds the memory of a build
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,12 @@ class CachedVolume:
         return self.finite & ~self.blank
 
     def open_slices(self) -> np.ndarray:
-        """(N, S, S) float16 memory map in [-1, 1]; opened lazily, so cheap per worker."""
-        return np.load(self.folder / SLICES_FILE, mmap_mode="r")
+        """(N, S, S) float16 memory map in [-1, 1]; opened lazily, so cheap per worker.
+
+        Copy-on-write: torch can wrap its slices without a copy (it refuses read-only
+        arrays), and a write would change only this process's pages, never the file.
+        """
+        return np.load(self.folder / SLICES_FILE, mmap_mode="c")
 
 
 def cache_key(path: Path, settings: SliceSettings) -> str:
@@ -134,34 +143,39 @@ def _build_entry(path: Path, settings: SliceSettings, folder: Path) -> CachedVol
     except ValueError as err:
         raise VolumeError(path, str(err)) from err
 
-    raw = volume_to_slices(volume, settings.slice_axis)  # (N, H, W) in file units
-    finite = np.isfinite(raw).all(axis=(1, 2))
-    with np.errstate(invalid="ignore"):
-        blank = np.nanmax(raw, axis=(1, 2)) <= np.nanmin(raw, axis=(1, 2))
-    blank |= np.isnan(raw).all(axis=(1, 2))
-    if not (finite & ~blank).any():
-        raise VolumeError(path, "no usable slice: every slice has NaN/Inf voxels or is constant")
+    raw = volume_to_slices(volume, settings.slice_axis)  # (N, H, W) view, in file units
+    n_slices, size = len(raw), (settings.resize_to, settings.resize_to)
+    finite = np.empty(n_slices, dtype=bool)
+    blank = np.empty(n_slices, dtype=bool)
 
-    # Non-finite voxels become the window's floor so that the slice can still serve as a
-    # neighbour in 2.5D inputs; slices holding them are never used as training samples.
-    pixels = window(np.nan_to_num(raw, nan=window.lo_hu, posinf=window.hi_hu, neginf=window.lo_hu))
-    size = (settings.resize_to, settings.resize_to)
-
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    _remove_abandoned_builds(folder)
+    partial = folder.with_name(f"{folder.name}{PARTIAL_MARK}{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        slices = np.lib.format.open_memmap(partial / SLICES_FILE, mode="w+", dtype=np.float16, shape=(len(raw), *size))
-        chunk = 16  # bounded memory: resize a few slices at a time
-        for start in range(0, len(raw), chunk):
-            block = resize_slices(pixels[start : start + chunk], size).numpy()
-            slices[start : start + chunk] = pixels_to_network(block)
-        slices.flush()
+        slices = np.lib.format.open_memmap(partial / SLICES_FILE, mode="w+", dtype=np.float16, shape=(n_slices, *size))
+        for start in range(0, n_slices, BUILD_CHUNK):
+            # (c, H, W), contiguous; for sagittal slices a view, so the fix-up below edits
+            # our own copy of the volume, which is dropped afterwards.
+            block = np.ascontiguousarray(raw[start : start + BUILD_CHUNK])
+            stop = start + len(block)
+            finite[start:stop] = np.isfinite(block).all(axis=(1, 2))
+            if not finite[start:stop].all():
+                # Non-finite voxels become the window's ends so that the slice can still serve
+                # as a neighbour in 2.5D inputs; slices holding them are never training samples.
+                np.nan_to_num(block, copy=False, nan=window.lo_hu, posinf=window.hi_hu, neginf=window.lo_hu)
+            blank[start:stop] = block.max(axis=(1, 2)) <= block.min(axis=(1, 2))
+            network = pixels_to_network(resize_slices(window(block), size).numpy())
+            slices[start:stop] = torch.from_numpy(network).half().numpy()  # torch's cast is vectorised, numpy's is not
+        if not (finite & ~blank).any():
+            raise VolumeError(path, "no usable slice: every slice has NaN/Inf voxels or is constant")
+        # No msync: the written pages are in the page cache whatever happens to this process,
+        # and the rename below is what makes the entry visible.
         del slices
         description = {
             "format": CACHE_FORMAT,
             "source": str(path.resolve()),
-            "n_slices": int(len(raw)),
+            "n_slices": int(n_slices),
             "slice_size": list(size),
             "canonical_shape": list(meta.canonical_shape),
             "canonical_affine": meta.canonical_affine.tolist(),
@@ -184,6 +198,26 @@ def _build_entry(path: Path, settings: SliceSettings, folder: Path) -> CachedVol
     if entry is None:
         raise RuntimeError(f"{folder}: cache entry unreadable right after it was written")
     return entry
+
+
+def _remove_abandoned_builds(folder: Path) -> None:
+    """Delete partial builds of this entry left on this host by runs that were killed."""
+    host = socket.gethostname()
+    for partial in folder.parent.glob(f"{glob.escape(folder.name)}{PARTIAL_MARK}*"):
+        owner = partial.name[len(folder.name) + len(PARTIAL_MARK) :]
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _load_entry(folder: Path, source: Path) -> CachedVolume | None:

@@ -8,6 +8,8 @@ Contract
   axis 0 runs left -> right, axis 1 posterior -> anterior, axis 2 inferior -> superior,
   whatever the order in which the file stores its voxels. An *axial* slice is therefore
   ``volume[:, :, k]``, a coronal one ``volume[:, k, :]``, a sagittal one ``volume[k, :, :]``.
+  The array is a fresh copy that keeps the file's memory layout (for NIfTI, Fortran order:
+  x fastest), so axial slices are contiguous blocks.
   Values are in the file's units after ``scl_slope``/``scl_inter`` scaling (Hounsfield
   units for CT). Reorientation only permutes and flips axes; voxels are never resampled.
 * ``meta``: a :class:`VolumeMeta` holding the file's own header, affine and storage order.
@@ -25,8 +27,11 @@ file's path and says what is wrong.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +52,8 @@ OUTPUT_DTYPES = ("int16", "float32")
 MAX_VOXELS = 2**31
 _CANONICAL = axcodes2ornt("RAS")
 _INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+
+logger = logging.getLogger(__name__)
 
 
 class VolumeError(ValueError):
@@ -157,7 +164,8 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
     try:
         # nibabel raises many types on corrupt input (ImageFileError, EOFError, zlib.error,
         # struct.error, ValueError, OSError, ...): at this boundary they all mean the same.
-        image = nib.load(path)
+        with _nibabel_messages_to_debug(path):
+            image = nib.load(path)
     except Exception as err:  # noqa: BLE001 - re-raised as the project's error type
         raise VolumeError(path, f"cannot be read as NIfTI ({_describe(err)})") from err
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
@@ -171,14 +179,9 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
     affine = np.asarray(image.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(path, "has a degenerate or non-finite affine; cannot tell its orientation")
-
-    try:
-        proxy = image.dataobj
-        # Slicing the proxy applies scl_slope/scl_inter and reads only the frame we need.
-        data = proxy[(slice(None),) * 3 + (frame_index,)] if frame_index is not None else proxy[...]
-        data = np.asarray(data, dtype=np.float32).reshape(spatial_shape)
-    except Exception as err:  # noqa: BLE001 - corrupt payloads fail in many ways, see above
-        raise VolumeError(path, f"voxel data cannot be decoded ({_describe(err)})") from err
+    if np.isnan(io_orientation(affine)).any():
+        # Voxel axes so close to parallel that no anatomical direction can be given to one.
+        raise VolumeError(path, f"affine {affine[:3, :3].tolist()} has nearly parallel axes; cannot tell its orientation")
 
     meta = VolumeMeta(
         affine=affine,
@@ -187,7 +190,19 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
         image_class=type(image),
         source=path,
     )
-    return np.ascontiguousarray(meta.to_canonical(data)), meta
+    try:
+        proxy = image.dataobj
+        # Slicing the proxy applies scl_slope/scl_inter and reads only the frame we need.
+        data = proxy[(slice(None),) * 3 + (frame_index,)] if frame_index is not None else proxy[...]
+        canonical = meta.to_canonical(np.asarray(data).reshape(spatial_shape))  # a view: axes permuted/flipped
+        # One pass converts to float32 and reorders the axes. The copy keeps the file's memory
+        # layout (x fastest in NIfTI), so an axial slice stays one contiguous block: copying
+        # to C order would transpose the volume here and again when it is cut into slices.
+        volume = np.empty_like(canonical, dtype=np.float32)
+        np.copyto(volume, canonical, casting="unsafe")
+    except Exception as err:  # noqa: BLE001 - corrupt payloads fail in many ways, see above
+        raise VolumeError(path, f"voxel data cannot be decoded ({_describe(err)})") from err
+    return volume, meta
 
 
 def write_volume(
@@ -282,9 +297,8 @@ def _check_claimed_size(path: Path, header, shape: tuple[int, ...]) -> None:
     offset = int(header.get_data_offset())
     needed = offset + n_voxels * header.get_data_dtype().itemsize
     if path.name.lower().endswith(".gz"):
-        stored = _gzip_uncompressed_size(path)
-        # The gzip trailer holds the uncompressed size modulo 2**32; compare only where exact.
-        if stored is not None and needed < 2**32 and stored < needed:
+        stored = _gzip_uncompressed_size(path, needed)
+        if stored is not None and stored < needed:
             raise VolumeError(
                 path,
                 f"holds {stored:,} bytes once decompressed but its header claims {needed:,} "
@@ -298,12 +312,29 @@ def _check_claimed_size(path: Path, header, shape: tuple[int, ...]) -> None:
         )
 
 
-def _gzip_uncompressed_size(path: Path) -> int | None:
+def _gzip_uncompressed_size(path: Path, needed: int) -> int | None:
+    """Bytes the gzip file holds once decompressed, if fewer than ``needed``; else None.
+
+    The trailer's size field answers at once for a whole, single-member file (nibabel's
+    own). It only holds the size modulo 2**32 and describes the last member only, so a
+    trailer below ``needed`` is confirmed by decompressing (in bounded memory) before the
+    file is called short: a truncated stream then stops early.
+    """
     with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
+        if f.read(2) != b"\x1f\x8b" or f.seek(0, os.SEEK_END) < 4:
             return None
         f.seek(-4, os.SEEK_END)
-        return struct.unpack("<I", f.read(4))[0]
+        trailer = struct.unpack("<I", f.read(4))[0]
+    if needed >= 2**32 or trailer >= needed:
+        return None
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while total < needed and (chunk := stream.read(1 << 20)):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        pass  # a truncated or corrupt stream holds what was decoded before the damage
+    return total if total < needed else None
 
 
 def _select_frame(path: Path, shape: tuple[int, ...], frame: int | None) -> tuple[tuple[int, int, int], int | None]:
@@ -326,6 +357,33 @@ def _select_frame(path: Path, shape: tuple[int, ...], frame: int | None) -> tupl
     if not 0 <= frame < n_frames:
         raise VolumeError(path, f"has frames 0..{n_frames - 1}; --frame {frame} is out of range")
     return shape[:3], frame
+
+
+@contextmanager
+def _nibabel_messages_to_debug(path: Path):
+    """Route nibabel's header auto-fix notes ("sform_code 120 not valid; setting to 0"),
+    which it prints straight to stderr, to this module's debug log instead."""
+    nibabel_logger = logging.getLogger("nibabel.global")
+    saved = nibabel_logger.handlers[:]
+    forward = _ForwardHandler(path)
+    for handler in saved:
+        nibabel_logger.removeHandler(handler)
+    nibabel_logger.addHandler(forward)
+    try:
+        yield
+    finally:
+        nibabel_logger.removeHandler(forward)
+        for handler in saved:
+            nibabel_logger.addHandler(handler)
+
+
+class _ForwardHandler(logging.Handler):
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger.debug("%s: nibabel: %s", self.path, record.getMessage())
 
 
 def _describe(err: BaseException) -> str:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,16 @@ from data.slicing import context_indices, resize_slices, slice_for_display, slic
 from data.volume_io import VolumeError, read_volume, strip_nifti_suffix, write_volume
 from models.base_model import CheckpointError, load_state_dict_file
 from models.networks import define_G
-from options.base_options import load_saved_options
+from options.base_options import OPTIONS_JSON, OptionsError, load_saved_options
 from util.image import save_png
 
 logger = logging.getLogger(__name__)
+
+# Keys of train_opt.json that rebuilding the generator and its slicing needs.
+_REQUIRED_OPTIONS = (
+    "input_nc", "output_nc", "ngf", "netG", "norm", "no_dropout", "init_type", "init_gain",
+    "axial_slice", "slice_axis", "resize_to", "intensity", "hu_min", "hu_max", "context_slices",
+)
 
 
 @dataclass
@@ -45,12 +53,28 @@ class PhaseGenerator:
         settings: slice axis, size and intensity window of training.
         context_slices: K neighbours on each side fed as extra channels.
         device: where ``net`` runs.
+        netG: the generator's name (a key of ``GENERATORS``), for messages.
+        weights: the ``.pth`` file the weights came from, for messages.
     """
 
     net: torch.nn.Module
     settings: SliceSettings
     context_slices: int
     device: torch.device
+    netG: str = ""
+    weights: Path | None = None
+
+    @property
+    def input_nc(self) -> int:
+        """Channels of the network's input: the slice and its K neighbours on each side."""
+        return 1 + 2 * self.context_slices
+
+    def describe(self) -> str:
+        """One line for people: which weights, which network, which slices and window."""
+        s = self.settings
+        window = f"fixed window {s.hu_min:g}..{s.hu_max:g} HU" if s.intensity == "hu" else "each volume's own min..max"
+        return (f"{self.weights}: {self.netG}, {s.slice_axis} slices at {s.resize_to}x{s.resize_to}, "
+                f"{self.input_nc} input channel(s), intensity {window}, on {self.device}")
 
     @torch.no_grad()
     def translate(self, volume: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, HUWindow]:
@@ -68,20 +92,24 @@ class PhaseGenerator:
             ValueError: the volume has no finite voxels, or (``--intensity volume``) is constant.
         """
         window = window_for(volume, self.settings.intensity, self.settings.hu_min, self.settings.hu_max)
-        raw = volume_to_slices(volume, self.settings.slice_axis)  # (N, H, W) in HU
+        raw = volume_to_slices(volume, self.settings.slice_axis)  # (N, H, W) in HU, a view
         n_slices, height, width = raw.shape
         size = (self.settings.resize_to, self.settings.resize_to)
-        pixels = window(np.nan_to_num(raw, nan=window.lo_hu, posinf=window.hi_hu, neginf=window.lo_hu))
-        inputs = torch.from_numpy(pixels_to_network(resize_slices(pixels, size).numpy()))  # (N, S, S)
 
         output = np.empty((n_slices, height, width), dtype=np.float32)
         for start in range(0, n_slices, batch_size):
-            indices = range(start, min(start + batch_size, n_slices))
-            # (B, 1+2K, S, S): each slice with its K neighbours on each side
-            batch = torch.stack([inputs[context_indices(k, n_slices, self.context_slices)] for k in indices])
+            stop = min(start + batch_size, n_slices)
+            # (B, 1+2K): each slice's index with its K neighbours' on each side. Only the
+            # slices a batch needs are normalised and resized, so memory grows with the
+            # batch, not with the volume.
+            indices = np.stack([context_indices(k, n_slices, self.context_slices) for k in range(start, stop)])
+            needed, position = np.unique(indices, return_inverse=True)
+            pixels = window(np.nan_to_num(raw[needed], nan=window.lo_hu, posinf=window.hi_hu, neginf=window.lo_hu))
+            inputs = torch.from_numpy(pixels_to_network(resize_slices(pixels, size).numpy()))  # (U, S, S)
+            batch = inputs[torch.from_numpy(position.reshape(indices.shape))]  # (B, 1+2K, S, S)
             fake = self.net(batch.to(self.device)).float().cpu()[:, 0]  # (B, S, S) in [-1, 1]
             fake_pixels = network_to_pixels(resize_slices(fake, (height, width)).numpy())
-            output[indices.start : indices.stop] = window.inverse(fake_pixels)
+            output[start:stop] = window.inverse(fake_pixels)
         return slices_to_volume(output, self.settings.slice_axis), window
 
 
@@ -90,31 +118,50 @@ def load_generator(
 ) -> PhaseGenerator:
     """Rebuild the generator of run ``name`` from its folder and load ``<epoch>_net_G.pth``.
 
+    Args:
+        checkpoints_dir: folder holding the run folders.
+        name: the run's name (``--name`` at training, ``--model_name`` here).
+        epoch: checkpoint label: ``latest`` or an epoch number.
+        gpu_ids: CUDA device indices; empty for the CPU (only the first is used).
+
     Raises:
-        CheckpointError: the run folder, its ``train_opt.json`` or the weights are missing
-            or do not fit together.
+        CheckpointError: the run folder, its ``train_opt.json`` or the weights are missing,
+            unreadable or do not fit together. The message starts with the file at fault.
     """
     run_folder = Path(checkpoints_dir) / name
     weights = run_folder / f"{epoch}_net_G.pth"
+    options_file = run_folder / OPTIONS_JSON
     if not weights.is_file():
-        raise CheckpointError(f"{weights}: checkpoint not found (check --model_name/--name, --epoch and --checkpoints_dir)")
-    saved = load_saved_options(run_folder)
+        available = sorted(p.name.removesuffix("_net_G.pth") for p in run_folder.glob("*_net_G.pth"))
+        hint = f"this run has: {', '.join(available)}" if available else "check --model_name, --epoch and --checkpoints_dir"
+        raise CheckpointError(f"{weights}: checkpoint not found ({hint})")
+    try:
+        saved = load_saved_options(run_folder)
+    except OptionsError as err:
+        raise CheckpointError(str(err)) from err
     if saved is None:
-        raise CheckpointError(f"{run_folder / 'train_opt.json'}: not found; the run folder does not say how the model was trained")
+        raise CheckpointError(f"{options_file}: not found; the run folder does not say how the model was trained")
+    missing = [key for key in _REQUIRED_OPTIONS if key not in saved]
+    if missing:
+        raise CheckpointError(f"{options_file}: lacks {', '.join(missing)}; was it written by this version's train.py?")
     opt = argparse.Namespace(**saved)
     device = torch.device("cuda", gpu_ids[0]) if gpu_ids else torch.device("cpu")
-    net = define_G(opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, not opt.no_dropout,
-                   opt.init_type, opt.init_gain, list(gpu_ids))
+    try:
+        net = define_G(opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, not opt.no_dropout,
+                       opt.init_type, opt.init_gain, list(gpu_ids))
+        settings = SliceSettings(
+            slice_axis="axial" if opt.axial_slice else opt.slice_axis,
+            resize_to=int(opt.resize_to),
+            intensity=opt.intensity,
+            hu_min=float(opt.hu_min),
+            hu_max=float(opt.hu_max),
+        )
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{options_file}: describes a network that cannot be built ({err})") from err
     load_state_dict_file(net, weights, device)
     net.eval()
-    settings = SliceSettings(
-        slice_axis="axial" if opt.axial_slice else opt.slice_axis,
-        resize_to=opt.resize_to,
-        intensity=opt.intensity,
-        hu_min=opt.hu_min,
-        hu_max=opt.hu_max,
-    )
-    return PhaseGenerator(net=net, settings=settings, context_slices=opt.context_slices, device=device)
+    return PhaseGenerator(net=net, settings=settings, context_slices=int(opt.context_slices), device=device,
+                          netG=opt.netG, weights=weights)
 
 
 @dataclass(frozen=True)
@@ -132,6 +179,11 @@ def output_name(input_path: Path) -> str:
     return f"{strip_nifti_suffix(Path(input_path).name)}_phase0.nii.gz"
 
 
+def slices_dir_name(input_path: Path) -> str:
+    """``patient_1.nii.gz`` -> ``patient_1_slices``."""
+    return f"{strip_nifti_suffix(Path(input_path).name)}_slices"
+
+
 def translate_file(
     generator: PhaseGenerator,
     input_path: str | Path,
@@ -143,11 +195,16 @@ def translate_file(
 ) -> TranslationResult:
     """Read one NIfTI volume, generate its phase-0 volume and write it on the input's grid.
 
-    Writes ``<output_dir>/<name>_phase0.nii.gz`` (atomically) and, if ``save_slices``, the
-    generated slices as PNG files in ``<output_dir>/<name>_slices/``.
+    Writes ``<output_dir>/<name>_phase0.nii.gz`` and, if ``save_slices``, the generated
+    slices as PNG files in ``<output_dir>/<name>_slices/``. The volume is written last and
+    atomically, so it exists only once everything is complete (a batch that finds it may
+    skip the input): the PNGs are written to a hidden temporary folder and renamed into
+    place first, and are removed again if writing the volume fails. A failure leaves no
+    new file behind; ``output_dir`` is created only once the generation has succeeded.
 
     Raises:
-        VolumeError: the input cannot be read or holds no usable intensities.
+        VolumeError: the input cannot be read or holds no usable intensities, or the
+            outputs cannot be written. The message starts with the file at fault.
     """
     start = time.time()
     input_path = Path(input_path)
@@ -160,14 +217,52 @@ def translate_file(
         raise VolumeError(input_path, str(err)) from err
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    output_path = write_volume(output_dir / output_name(input_path), generated, meta, dtype=output_dtype)
-    slices_dir = None
-    if save_slices:
-        slices_dir = output_dir / f"{strip_nifti_suffix(input_path.name)}_slices"
-        save_slice_pngs(generated, window, generator.settings.slice_axis, slices_dir)
+    output_path = output_dir / output_name(input_path)
+    slices_dir = output_dir / slices_dir_name(input_path) if save_slices else None
+    make_output_dir(output_dir)
+    slices_written = False
+    try:
+        if slices_dir is not None:
+            _write_slices_atomically(generated, window, generator.settings.slice_axis, slices_dir)
+            slices_written = True
+        write_volume(output_path, generated, meta, dtype=output_dtype)
+    except BaseException as err:
+        # Nothing half-made stays: these PNGs belong to a volume that was not written.
+        if slices_written:
+            shutil.rmtree(slices_dir, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise VolumeError(output_path, f"cannot be written ({err.strerror or err})") from err
+        raise
     n_slices = volume_to_slices(generated, generator.settings.slice_axis).shape[0]
     return TranslationResult(output_path, slices_dir, n_slices, time.time() - start)
+
+
+def make_output_dir(output_dir: str | Path) -> Path:
+    """Create ``output_dir`` (and its parents) if needed.
+
+    Raises:
+        VolumeError: it cannot be created (a file of that name, no permission, ...).
+    """
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise VolumeError(output_dir, f"cannot create the output folder ({err.strerror or err})") from err
+    return output_dir
+
+
+def _write_slices_atomically(volume: np.ndarray, window: HUWindow, slice_axis: str, folder: Path) -> None:
+    """:func:`save_slice_pngs` into a hidden temporary folder, then rename it to ``folder``
+    (replacing an older one), so ``folder`` never holds a half-written set."""
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        save_slice_pngs(volume, window, slice_axis, partial)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def save_slice_pngs(volume: np.ndarray, window: HUWindow, slice_axis: str, folder: Path) -> None:

@@ -20,6 +20,7 @@ import data
 import models
 from models.generators import GENERATORS, required_divisor
 from models.norms import NORM_HELP, NORM_LAYERS
+from util.registry import unknown_name_error
 
 # Flags that define the network and its inputs. A run folder's train_opt.json supplies
 # them as defaults at test time and on resume; an explicit flag still wins.
@@ -40,6 +41,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def _check_value(self, action, value):
+        # argparse lists the choices; we also suggest the closest one, as every registry does.
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentError(action, str(unknown_name_error("value", value, map(str, action.choices))))
 
 
 def parse_gpu_ids(text: str) -> list[int]:

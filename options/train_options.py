@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from options.base_options import BaseOptions, OptionsError, load_saved_options, saved_model_defaults
+from options.base_options import BaseOptions, OptionsError, load_saved_options
 from models.networks import LR_POLICIES
+
+
+# Flags a resumed run never takes from the saved run: they say where and what to resume,
+# and the device is a property of the machine that resumes.
+NOT_RESUMED = ("continue_train", "epoch_count", "epoch", "load_iter", "name", "checkpoints_dir", "gpu_ids", "suffix")
 
 
 class TrainOptions(BaseOptions):
@@ -50,9 +55,14 @@ class TrainOptions(BaseOptions):
         run_folder = Path(known.checkpoints_dir) / known.name
         saved = load_saved_options(run_folder)
         if saved is not None:
-            parser.set_defaults(**saved_model_defaults(parser, saved))
-            if saved.get("dataroot") and known.dataroot is None:
-                parser.set_defaults(dataroot=saved["dataroot"])
+            # Resuming continues the same run: every saved training flag is the default,
+            # except those that say where and from which checkpoint to resume.
+            known_flags = {action.dest for action in parser._actions}
+            parser.set_defaults(**{
+                key: (float("inf") if value is None and key == "max_dataset_size" else value)
+                for key, value in saved.items()
+                if key in known_flags and key not in NOT_RESUMED
+            })
         state = _read_epoch_done(run_folder, known.epoch)
         if state is not None:
             parser.set_defaults(epoch_count=state + 1)

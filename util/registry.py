@@ -58,8 +58,12 @@ class Registry(dict):
 
 
 def plugin_names(package_dir: Path, suffix: str) -> list[str]:
-    """Names of the plug-in modules ``<name><suffix>.py`` in a package folder, sorted."""
-    return sorted(p.name[: -len(suffix) - 3] for p in package_dir.glob(f"*{suffix}.py"))
+    """Names of the plug-in modules ``<name><suffix>.py`` in a package folder, sorted.
+
+    ``base<suffix>.py`` holds the base class that plug-ins derive from, not a plug-in.
+    """
+    names = (p.name[: -len(suffix) - 3] for p in package_dir.glob(f"*{suffix}.py"))
+    return sorted(name for name in names if name != "base")
 
 
 def load_plugin(package: str, package_dir: Path, suffix: str, name: str, registry: Registry):

@@ -1,0 +1,74 @@
+"""Generate phase 0 for every average CT volume in a folder.
+
+    python batch_process_patients.py --input_dir ./patient_data --output_dir ./processed_results \
+        --model_name ct_phase0_generator_optimized
+
+Loads the model once and translates each ``.nii``/``.nii.gz`` file of ``--input_dir`` (in
+name order) as use_model.py does. Inputs whose output already exists are skipped, so an
+interrupted batch resumes where it stopped; a file that fails is reported and the batch
+goes on. ``<output_dir>/summary.csv`` lists every file with its status
+(ok | skipped | failed), error, slices and seconds. Exit code 1 if any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data.volume_io import VolumeError
+from inference.batch import SUMMARY_FILE, find_inputs, summarise, translate_folder, write_summary
+from inference.cli import (
+    add_checkpoint_arguments,
+    add_device_argument,
+    add_translation_arguments,
+    new_parser,
+    run_cli,
+)
+from inference.volume import load_generator, make_output_dir
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = new_parser("batch_process_patients.py", "Generate the phase-0 CT volume for every volume in a folder.")
+    parser.add_argument("--input_dir", required=True, help="folder of average CT volumes (.nii / .nii.gz)")
+    parser.add_argument("--output_dir", required=True, help="where volumes, PNG slices and summary.csv are written")
+    add_checkpoint_arguments(parser)
+    add_device_argument(parser)
+    add_translation_arguments(parser)
+    return parser
+
+
+def main(opt: argparse.Namespace) -> int:
+    inputs = find_inputs(opt.input_dir)
+    output_dir = Path(opt.output_dir)
+    if output_dir.resolve() == Path(opt.input_dir).resolve():
+        raise VolumeError(
+            output_dir, "is also --input_dir; outputs would be read as inputs next time, choose another folder"
+        )
+    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, opt.gpu_ids)
+    print(f"model: {generator.describe()}")
+    make_output_dir(output_dir)
+    summary_path = output_dir / SUMMARY_FILE
+    rows = []
+    batch = translate_folder(
+        generator,
+        inputs,
+        output_dir,
+        output_dtype=opt.output_dtype,
+        frame=opt.frame,
+        batch_size=opt.batch_size,
+        save_slices=not opt.no_slices,
+    )
+    for row in tqdm(batch, total=len(inputs), desc="volumes", unit="volume"):
+        rows.append(row)
+        write_summary(rows, summary_path)  # kept current, so an interrupted batch leaves one too
+        if row.status == "failed":
+            tqdm.write(f"warning: {row.error}", file=sys.stderr)
+    print(f"{summarise(rows)}; summary: {summary_path}")
+    return 1 if any(row.status == "failed" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser()))

@@ -1,0 +1,44 @@
+"""Test a trained model on the test volumes: generated volumes, metrics and an HTML page.
+
+    python test.py --dataroot ./datasets/ct_phases_dataset --name ct_phase0_generator_optimized \
+        --model pix2pix --dataset_mode robust_nifti --preprocess none --input_nc 1 --output_nc 1 \
+        --axial_slice --resize_to 512 --epoch latest
+
+The network is rebuilt from ``<checkpoints_dir>/<name>/train_opt.json``. Results go to
+``<results_dir>/<name>/<phase>_<epoch>/``: ``volumes/``, ``index.html`` and, where
+``<phase>B/`` holds targets, ``metrics.csv`` and ``metrics.json`` (see evaluation/test_run.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from data.base_dataset import DatasetError
+from evaluation.test_run import results_folder, run_test
+from models.base_model import CheckpointError
+from options.test_options import TestOptions
+from util.runtime import setup_logging, setup_runtime
+
+logger = logging.getLogger("test")
+
+
+def main(opt: argparse.Namespace, options: TestOptions) -> None:
+    setup_runtime(opt)
+    setup_logging(None, verbose=opt.verbose)
+    logger.info(options.format_options(opt))
+    report = run_test(opt)
+    options.save(opt, results_folder(opt), "test")
+    for line in report.summary_lines():
+        print(line)
+
+
+if __name__ == "__main__":
+    options = TestOptions()
+    opt = options.parse()
+    try:
+        main(opt, options)
+    except (DatasetError, CheckpointError) as err:
+        print(f"test.py: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,73 @@
+"""End to end: the reference's training command on a tiny phantom writes what the reference lists, and resumes."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from tests.conftest import run_script
+
+# The reference's command (Step 4), with the dataroot, size and epochs of a test.
+REFERENCE_COMMAND = (
+    "--name ct_phase0_generator_optimized --model pix2pix --dataset_mode robust_nifti --skip_corrupted "
+    "--preprocess none --input_nc 1 --output_nc 1 --axial_slice --norm instance --netG unet_128 --batch_size 4 "
+    "--lambda_L1 50 --lr 0.0001 --resize_to 128 --display_freq 100 --save_epoch_freq 1"
+)
+SMALL = ["--ngf", "4", "--ndf", "4", "--num_threads", "0", "--max_dataset_size", "8", "--gpu_ids", "-1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, phantom_root):
+    """Two epochs of training, then a resume for a third."""
+    workdir = tmp_path_factory.mktemp("train")
+    first = run_script(
+        "train.py", "--dataroot", phantom_root, *shlex.split(REFERENCE_COMMAND), *SMALL,
+        "--n_epochs", "1", "--n_epochs_decay", "1", cwd=workdir,
+    )
+    resumed = run_script(
+        "train.py", "--dataroot", phantom_root, "--name", "ct_phase0_generator_optimized", "--continue_train",
+        *SMALL, "--n_epochs", "2", "--n_epochs_decay", "1", "--save_epoch_freq", "1", cwd=workdir,
+    )
+    return workdir, first, resumed
+
+
+def test_training_writes_the_files_the_reference_lists(trained):
+    workdir, first, _ = trained
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = workdir / "checkpoints" / "ct_phase0_generator_optimized"
+    for name in ("latest_net_G.pth", "latest_net_D.pth", "1_net_G.pth", "1_net_D.pth", "2_net_G.pth",
+                 "train_opt.txt", "train_opt.json", "loss_log.txt", "web/index.html"):
+        assert (run / name).is_file(), name
+    assert list((run / "web" / "images").glob("epoch001_fake_B.png"))
+    saved = json.loads((run / "train_opt.json").read_text())
+    assert (saved["netG"], saved["norm"], saved["lambda_L1"]) == ("unet_128", "instance", 50.0)
+
+
+def test_the_log_file_holds_options_dataset_summary_losses_and_epoch_times(trained):
+    workdir, _, _ = trained
+    logs = sorted((workdir / "logs").glob("train_log_*.txt"))
+    assert logs, "logs/train_log_YYYYMMDD_HHMMSS.txt is missing"
+    text = logs[0].read_text()
+    assert "netG: unet_128" in text.replace("  ", " ").replace("  ", " ") or "unet_128" in text
+    assert "3 volume pairs, 8 valid slices, 0 skipped files" in text
+    assert "epoch 1 took" in text and "epoch 2 took" in text
+    assert "mean losses G_GAN:" in text and "G_L1:" in text
+
+
+def test_without_a_visdom_server_training_warns_once_and_goes_on(trained):
+    _, first, _ = trained
+    visdom_lines = [line for line in first.stdout.splitlines() if "Visdom" in line]
+    assert len(visdom_lines) == 1, visdom_lines
+
+
+def test_continue_train_resumes_after_the_last_saved_epoch(trained):
+    workdir, _, resumed = trained
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "training epochs 3..3" in resumed.stdout
+    run = workdir / "checkpoints" / "ct_phase0_generator_optimized"
+    assert (run / "3_net_G.pth").is_file()
+    assert json.loads((run / "latest_train_state.json").read_text())["epoch"] == 3
+    # Model-defining options came from the run folder, not from repeated flags.
+    assert "netG: unet_128" in " ".join(resumed.stdout.split())

@@ -1,0 +1,60 @@
+"""Generate phase 0 (end-inhale) of a 4D CT from one time-averaged CT volume.
+
+    python use_model.py --input_nifti ./datasets/ct_phases_dataset/testA/patient_1.nii.gz \
+        --model_name ct_phase0_generator_optimized --epoch latest --output_dir ./results
+
+Writes ``<output_dir>/<name>_phase0.nii.gz`` on exactly the input's grid (shape, affine,
+storage order, voxel sizes, NIfTI version, byte order) and the generated slices as PNG
+files in ``<output_dir>/<name>_slices/``. The network, its slice size and its intensity
+window are read from the run folder's ``train_opt.json``; inputs of any in-plane size are
+resized to the model's size and back. The last line printed is the output path. A file
+that cannot be used gives one line on stderr and exit code 1, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from inference.cli import (
+    add_checkpoint_arguments,
+    add_device_argument,
+    add_translation_arguments,
+    new_parser,
+    run_cli,
+)
+from inference.volume import load_generator, translate_file
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = new_parser("use_model.py", "Generate the phase-0 CT volume for one average CT volume.")
+    parser.add_argument(
+        "--input_nifti", required=True, help="the average CT volume (.nii or .nii.gz, 3D or 4D with --frame)"
+    )
+    parser.add_argument("--output_dir", default="./results", help="where the volume and its PNG slices are written")
+    add_checkpoint_arguments(parser)
+    add_device_argument(parser)
+    add_translation_arguments(parser)
+    return parser
+
+
+def main(opt: argparse.Namespace) -> None:
+    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, opt.gpu_ids)
+    print(f"model: {generator.describe()}")
+    result = translate_file(
+        generator,
+        opt.input_nifti,
+        opt.output_dir,
+        output_dtype=opt.output_dtype,
+        frame=opt.frame,
+        batch_size=opt.batch_size,
+        save_slices=not opt.no_slices,
+    )
+    print(f"{opt.input_nifti}: {result.n_slices} {generator.settings.slice_axis} slices in {result.seconds:.1f} s")
+    if result.slices_dir is not None:
+        print(f"slices: {result.slices_dir}")
+    print(result.output_path)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser()))
