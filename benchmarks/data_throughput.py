@@ -31,6 +31,7 @@ deliver, not training speed.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import logging
@@ -166,6 +167,8 @@ def stage_loader(opt: argparse.Namespace, config: dict) -> dict:
         dataset, train_opt, pin_memory=config["pin_memory"], persistent_workers=config["persistent"]
     )
     rate = time_batches(loader, max_slices=opt.slices)
+    del loader  # persistent workers exit (and are counted in RUSAGE_CHILDREN) only now
+    gc.collect()
     return {"rate": rate, "rss_mib": peak_rss_mib()}
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import REPO, run_script
 
 # The reference's command (Step 4), with the dataroot, size and epochs of a test.
 REFERENCE_COMMAND = (
@@ -71,3 +74,17 @@ def test_continue_train_resumes_after_the_last_saved_epoch(trained):
     assert json.loads((run / "latest_train_state.json").read_text())["epoch"] == 3
     # Model-defining options came from the run folder, not from repeated flags.
     assert "netG: unet_128" in " ".join(resumed.stdout.split())
+
+
+def test_torchrun_trains_with_two_processes_on_the_cpu(tmp_path, phantom_root):
+    """The reference's multi-GPU command, with two CPU processes (gloo) standing in for GPUs."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(REPO / "train.py"),
+         "--dataroot", str(phantom_root), "--name", "ct_phase0_generator_optimized_multigpu", "--model", "pix2pix",
+         "--dataset_mode", "robust_nifti", "--norm", "sync_instance", "--batch_size", "2", "--netG", "unet_128",
+         "--resize_to", "128", *SMALL, "--n_epochs", "1", "--n_epochs_decay", "0", "--display_id", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 valid slices" in result.stdout
+    assert (tmp_path / "checkpoints" / "ct_phase0_generator_optimized_multigpu" / "latest_net_G.pth").is_file()

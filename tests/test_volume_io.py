@@ -1,0 +1,250 @@
+"""data/volume_io.py: canonical (X, Y, Z) arrays in, the source grid back out, VolumeError for anything else."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from datetime import timedelta
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from data.volume_io import VolumeError, new_volume_meta, read_volume, write_volume
+
+SHAPE = (6, 5, 4)  # canonical (X, Y, Z); all different, so a swapped axis shows
+
+# Storage affines (voxel -> RAS mm). Each stores the same canonical volume differently.
+STORAGE_AFFINES = {
+    "RAS": np.diag([2.0, 3.0, 4.0, 1.0]),
+    "LPS (DICOM-like)": np.diag([-2.0, -3.0, 4.0, 1.0]),
+    "SRA (sagittal stack)": np.array([[0, 0, 2.0, 0], [0, 3.0, 0, 0], [4.0, 0, 0, 0], [0, 0, 0, 1]]),
+    "ILP": np.array([[0, -2.0, 0, 0], [0, 0, -3.0, 0], [-4.0, 0, 0, 0], [0, 0, 0, 1]]),
+}
+
+
+def coordinate_volume(shape=SHAPE) -> np.ndarray:
+    """value = 100 x + 10 y + z at canonical voxel (x, y, z): any misplaced voxel shows."""
+    x, y, z = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    return (100 * x + 10 * y + z).astype(np.float32)
+
+
+def storage_meta(affine: np.ndarray, canonical_shape=SHAPE):
+    """A meta whose canonical shape is ``canonical_shape`` under ``affine``."""
+    probe = new_volume_meta(affine, (1, 2, 3))
+    axes = probe._to_canonical[:, 0].astype(int)  # canonical axis of each storage axis
+    return new_volume_meta(affine, tuple(canonical_shape[a] for a in axes))
+
+
+def nifti_bytes(data: np.ndarray, affine=None) -> bytes:
+    """A single-file NIfTI-1 image as bytes."""
+    return nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine).to_bytes()
+
+
+# -- the contract --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(STORAGE_AFFINES))
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_any_storage_order_reads_as_canonical_ras(tmp_path, name, suffix):
+    volume = coordinate_volume()
+    meta = storage_meta(STORAGE_AFFINES[name])
+    path = write_volume(tmp_path / f"v{suffix}", volume, meta)
+
+    read, read_meta = read_volume(path)
+
+    assert read.dtype == np.float32 and read.shape == SHAPE
+    np.testing.assert_array_equal(read, volume)
+    # The canonical affine maps canonical indices to the same world points as the storage one.
+    assert read_meta.canonical_shape == SHAPE
+    assert read_meta.spacing_mm == pytest.approx((2.0, 3.0, 4.0))
+    # Canonical axis i runs along world axis i, in the + direction (R, A, S).
+    directions = read_meta.canonical_affine[:3, :3]
+    assert np.all(np.argmax(np.abs(directions), axis=0) == [0, 1, 2]) and np.all(np.diag(directions) > 0)
+    # Canonical voxel (1, 2, 3) is the stored voxel at the same world point.
+    world = read_meta.canonical_affine @ [1, 2, 3, 1]
+    storage_index = np.rint(np.linalg.solve(read_meta.affine, world)[:3]).astype(int)
+    assert np.asarray(nib.load(path).dataobj)[tuple(storage_index)] == volume[1, 2, 3]
+
+
+@pytest.mark.parametrize("name", sorted(STORAGE_AFFINES))
+def test_round_trip_keeps_the_source_grid(tmp_path, name):
+    source = write_volume(tmp_path / "in.nii.gz", coordinate_volume(), storage_meta(STORAGE_AFFINES[name]))
+    volume, meta = read_volume(source)
+
+    out = write_volume(tmp_path / "out.nii.gz", volume + 1, meta)
+
+    before, after = nib.load(source), nib.load(out)
+    assert after.shape == before.shape
+    np.testing.assert_array_equal(after.affine, before.affine)
+    np.testing.assert_array_equal(np.asarray(after.dataobj), np.asarray(before.dataobj) + 1)
+    assert int(after.header["qform_code"]) == int(before.header["qform_code"])
+    assert int(after.header["sform_code"]) == int(before.header["sform_code"])
+    again, _ = read_volume(out)
+    np.testing.assert_array_equal(again, volume + 1)
+
+
+def test_axial_slices_are_contiguous_blocks(tmp_path):
+    path = write_volume(tmp_path / "v.nii", coordinate_volume(), storage_meta(STORAGE_AFFINES["LPS (DICOM-like)"]))
+    volume, _ = read_volume(path)
+    assert all(s > 0 for s in volume.strides)
+    assert volume[:, :, 2].flags.f_contiguous  # one block per axial slice, as NIfTI stores it
+
+
+def test_scaling_is_applied(tmp_path):
+    image = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4) + 10, np.eye(4))
+    image.header.set_slope_inter(2.0, -1024.0)
+    nib.save(image, tmp_path / "scaled.nii")
+    volume, _ = read_volume(tmp_path / "scaled.nii")
+    assert volume.min() == 10 * 2 - 1024 and volume.max() == 33 * 2 - 1024
+
+
+def test_int16_output_rounds_and_clips(tmp_path):
+    meta = new_volume_meta(np.eye(4), (2, 2, 2))
+    values = np.array([1.4, 1.6, -1e6, 1e6, 0, 0, 0, 0], dtype=np.float32).reshape(2, 2, 2)
+    volume, _ = read_volume(write_volume(tmp_path / "v.nii", values, meta, dtype="int16"))
+    assert volume.ravel()[:4].tolist() == [1, 2, -32768, 32767]
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    meta = new_volume_meta(np.eye(4), SHAPE)
+
+    def broken_save(image, filename):
+        Path(filename).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_volume(tmp_path / "out.nii.gz", coordinate_volume(), meta)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_a_volume_of_another_shape(tmp_path):
+    with pytest.raises(ValueError, match="differs from the grid"):
+        write_volume(tmp_path / "v.nii", np.zeros((2, 2, 2)), new_volume_meta(np.eye(4), SHAPE))
+
+
+def test_4d_single_frame_reads_as_3d_and_frames_are_chosen(tmp_path):
+    nib.save(nib.Nifti1Image(coordinate_volume()[..., None], np.eye(4)), tmp_path / "one.nii")
+    assert read_volume(tmp_path / "one.nii")[0].shape == SHAPE
+
+    frames = np.stack([coordinate_volume() + 1000 * t for t in range(3)], axis=-1)
+    nib.save(nib.Nifti1Image(frames, np.eye(4)), tmp_path / "three.nii")
+    with pytest.raises(VolumeError, match="4D with 3 frames"):
+        read_volume(tmp_path / "three.nii")
+    np.testing.assert_array_equal(read_volume(tmp_path / "three.nii", frame=2)[0], coordinate_volume() + 2000)
+    with pytest.raises(VolumeError, match="out of range"):
+        read_volume(tmp_path / "three.nii", frame=3)
+
+
+# -- failures are VolumeError, naming the file --------------------------------------------
+def test_multi_member_gzip_is_not_mistaken_for_a_truncated_file(tmp_path):
+    # Some tools (bgzip, parallel compressors) write several gzip members; the trailer's
+    # size field then describes the last member only.
+    raw = nifti_bytes(coordinate_volume())
+    cut = len(raw) // 2
+    (tmp_path / "multi.nii.gz").write_bytes(gzip.compress(raw[:cut]) + gzip.compress(raw[cut:]))
+    np.testing.assert_array_equal(read_volume(tmp_path / "multi.nii.gz")[0], coordinate_volume())
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_header_claiming_more_voxels_than_the_file_holds(tmp_path, suffix):
+    raw = bytearray(nifti_bytes(coordinate_volume()))
+    struct.pack_into("<h", raw, 46, 400)  # dim[3]: 4 -> 400 slices
+    path = tmp_path / f"big{suffix}"
+    path.write_bytes(gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw))
+    with pytest.raises(VolumeError, match="claims") as caught:
+        read_volume(path)
+    assert str(caught.value).startswith(str(path))
+
+
+def test_nearly_parallel_axes_are_refused(tmp_path):
+    # Not singular (det 10), but axes 0 and 1 both point along x: no orientation for axis 1.
+    affine = np.array([[1e6, 1e6, 0, 0], [0, 1e-11, 0, 0], [0, 0, 1e6, 0], [0, 0, 0, 1]])
+    (tmp_path / "skew.nii").write_bytes(nifti_bytes(coordinate_volume(), affine))
+    with pytest.raises(VolumeError, match="orientation"):
+        read_volume(tmp_path / "skew.nii")
+
+
+def test_nibabel_header_fixes_do_not_reach_stderr(tmp_path, capfd, caplog):
+    raw = bytearray(nifti_bytes(coordinate_volume()))
+    struct.pack_into("<h", raw, 254, 123)  # sform_code 123: nibabel resets it and says so
+    (tmp_path / "odd.nii").write_bytes(bytes(raw))
+    with caplog.at_level(logging.DEBUG, logger="data.volume_io"):
+        read_volume(tmp_path / "odd.nii")
+    assert capfd.readouterr().err == ""
+    assert any("sform_code" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "empty"),
+        (b"hello, not an image\n" * 40, "cannot be read as NIfTI"),
+        (gzip.compress(b"\x00" * 500), "cannot be read as NIfTI"),
+    ],
+)
+def test_unreadable_content(tmp_path, content, problem):
+    path = tmp_path / "bad.nii"
+    path.write_bytes(content)
+    with pytest.raises(VolumeError, match=problem):
+        read_volume(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"), [("missing.nii", "not found"), ("volume.mha", "does not end in"), ("folder.nii", "not a regular")]
+)
+def test_wrong_paths(tmp_path, name, problem):
+    (tmp_path / "volume.mha").write_bytes(b"x")
+    (tmp_path / "folder.nii").mkdir()
+    with pytest.raises(VolumeError, match=problem):
+        read_volume(tmp_path / name)
+
+
+# -- property: any bytes either load or raise VolumeError ---------------------------------
+BASE = nifti_bytes(coordinate_volume().astype(np.int16))
+# (offset, struct format) of the NIfTI-1 header fields that decide how the data is read.
+HEADER_FIELDS = {
+    "sizeof_hdr": (0, "<i"), "dim0": (40, "<h"), "dim1": (42, "<h"), "dim2": (44, "<h"), "dim3": (46, "<h"),
+    "dim4": (48, "<h"), "dim5": (50, "<h"), "datatype": (70, "<h"), "bitpix": (72, "<h"),
+    "pixdim1": (80, "<f"), "pixdim3": (88, "<f"), "vox_offset": (108, "<f"), "scl_slope": (112, "<f"),
+    "scl_inter": (116, "<f"), "qform_code": (252, "<h"), "sform_code": (254, "<h"), "quatern_b": (256, "<f"),
+    "srow_x0": (280, "<f"), "srow_z2": (320, "<f"),
+}  # fmt: skip
+INTERESTING_INTS = st.sampled_from([-32768, -1, 0, 1, 2, 3, 4, 5, 7, 8, 16, 64, 128, 256, 512, 768, 1024, 2048, 32767])
+INTERESTING_FLOATS = st.sampled_from([0.0, -1.0, 1e-30, 1.0, 352.0, 353.0, 1e6, 3.4e38, float("nan"), float("inf"), float("-inf")])
+
+
+@st.composite
+def damaged_nifti(draw) -> tuple[bytes, str]:
+    raw = bytearray(BASE)
+    for field in draw(st.lists(st.sampled_from(sorted(HEADER_FIELDS)), max_size=4)):
+        offset, fmt = HEADER_FIELDS[field]
+        value = draw(INTERESTING_FLOATS if fmt == "<f" else INTERESTING_INTS)
+        struct.pack_into(fmt, raw, offset, value)
+    for offset, value in draw(st.lists(st.tuples(st.integers(0, 351), st.integers(0, 255)), max_size=6)):
+        raw[offset] = value
+    if draw(st.booleans()):
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    suffix = draw(st.sampled_from([".nii", ".nii.gz"]))
+    return (gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw)), suffix
+
+
+@settings(
+    max_examples=200, deadline=timedelta(seconds=5), derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)  # fmt: skip
+@given(case=st.one_of(damaged_nifti(), st.tuples(st.binary(max_size=1200), st.sampled_from([".nii", ".nii.gz"]))))
+def test_damaged_files_load_or_raise_volume_error(tmp_path, case):
+    content, suffix = case
+    path = tmp_path / f"case{suffix}"
+    path.write_bytes(content)
+    try:
+        volume, meta = read_volume(path)
+    except VolumeError as err:
+        assert str(err).startswith(str(path))
+    else:
+        assert volume.ndim == 3 and volume.dtype == np.float32
+        assert volume.shape == meta.canonical_shape
