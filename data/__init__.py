@@ -11,16 +11,15 @@ from pathlib import Path
 
 import torch.utils.data
 
-from util.registry import Registry, load_plugin, plugin_names
+from util.registry import PluginRegistry
 
-DATASETS = Registry("dataset mode")
-_PACKAGE_DIR = Path(__file__).parent
-DATASET_MODES = plugin_names(_PACKAGE_DIR, "_dataset")
+DATASETS = PluginRegistry("dataset mode", "data", Path(__file__).parent, "_dataset")
+DATASET_MODES = DATASETS.names
 
 
 def find_dataset_using_name(dataset_mode: str):
     """The dataset class registered as ``dataset_mode`` (imports its module)."""
-    return load_plugin("data", _PACKAGE_DIR, "_dataset", dataset_mode, DATASETS)
+    return DATASETS.load(dataset_mode)
 
 
 def get_option_setter(dataset_mode: str):

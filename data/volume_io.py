@@ -166,7 +166,7 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
         # struct.error, ValueError, OSError, ...): at this boundary they all mean the same.
         with _nibabel_messages_to_debug(path):
             image = nib.load(path)
-    except Exception as err:  # noqa: BLE001 - re-raised as the project's error type
+    except Exception as err:
         raise VolumeError(path, f"cannot be read as NIfTI ({_describe(err)})") from err
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise VolumeError(path, f"is a {type(image).__name__}, not a NIfTI-1/2 image")
@@ -200,7 +200,7 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
         # to C order would transpose the volume here and again when it is cut into slices.
         volume = np.empty_like(canonical, dtype=np.float32)
         np.copyto(volume, canonical, casting="unsafe")
-    except Exception as err:  # noqa: BLE001 - corrupt payloads fail in many ways, see above
+    except Exception as err:
         raise VolumeError(path, f"voxel data cannot be decoded ({_describe(err)})") from err
     return volume, meta
 

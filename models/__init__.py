@@ -12,16 +12,15 @@ from pathlib import Path
 
 import torch
 
-from util.registry import Registry, load_plugin, plugin_names
+from util.registry import PluginRegistry
 
-MODELS = Registry("model")
-_PACKAGE_DIR = Path(__file__).parent
-MODEL_NAMES = plugin_names(_PACKAGE_DIR, "_model")
+MODELS = PluginRegistry("model", "models", Path(__file__).parent, "_model")
+MODEL_NAMES = MODELS.names
 
 
 def find_model_using_name(model_name: str):
     """The model class registered as ``model_name`` (imports its module)."""
-    return load_plugin("models", _PACKAGE_DIR, "_model", model_name, MODELS)
+    return MODELS.load(model_name)
 
 
 def get_option_setter(model_name: str):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from options.base_options import BaseOptions, OptionsError, load_saved_options
 from models.networks import LR_POLICIES
-
+from options.base_options import BaseOptions, OptionsError, load_saved_options
 
 # Flags a resumed run never takes from the saved run: they say where and what to resume,
 # and the device is a property of the machine that resumes.

@@ -39,6 +39,17 @@ def run_script(script: str, *args: str, cwd: Path, timeout: float = 600) -> subp
     )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread: on the shared 2-core CI machine, two threads per process contend and run slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # for the scripts run as subprocesses
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """A tiny paired phantom: trainA/B with 3 patients, testA/B with 2 (int16 HU NIfTI)."""

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 import batch_process_patients
 from inference.batch import BatchRow, read_summary, summarise
@@ -18,15 +17,7 @@ GOOD = ("patient_1.nii.gz", "patient_2.nii.gz", "patient_3.nii")
 CORRUPT = "patient_0_corrupt.nii.gz"  # sorts first: the batch must go on past it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on the shared 2-core CI machine, two threads per process contend and run slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # for the scripts run as subprocesses
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -42,15 +42,7 @@ REFERENCE_SNIPPET = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on the shared 2-core CI machine, two threads per process contend and run slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # for the scripts run as subprocesses
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reference_export_snippet_runs_on_cpu(tmp_path):

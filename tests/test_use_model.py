@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel as nib  # tests craft odd files directly; project code reads them only through data.volume_io
 import numpy as np
 import pytest
-import torch
 
 import use_model
 from data.volume_io import read_volume
@@ -30,15 +29,7 @@ from tests.conftest import make_run_folder, run_script
 PERMUTED_FLIPPED = np.array([[2, -1], [0, 1], [1, -1]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on the shared 2-core CI machine, two threads per process contend and run slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # for the scripts run as subprocesses
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -57,19 +57,28 @@ class Registry(dict):
         raise unknown_name_error(self.kind, name, self.keys())
 
 
-def plugin_names(package_dir: Path, suffix: str) -> list[str]:
-    """Names of the plug-in modules ``<name><suffix>.py`` in a package folder, sorted.
+class PluginRegistry(Registry):
+    """A registry whose entries live in modules ``<package>/<name><suffix>.py``, imported on demand.
 
+    ``--model X`` finds ``models/X_model.py``: the module registers its class when imported.
     ``base<suffix>.py`` holds the base class that plug-ins derive from, not a plug-in.
     """
-    names = (p.name[: -len(suffix) - 3] for p in package_dir.glob(f"*{suffix}.py"))
-    return sorted(name for name in names if name != "base")
 
+    def __init__(self, kind: str, package: str, package_dir: Path, suffix: str):
+        super().__init__(kind)
+        self.package = package
+        self.package_dir = Path(package_dir)
+        self.suffix = suffix
 
-def load_plugin(package: str, package_dir: Path, suffix: str, name: str, registry: Registry):
-    """Import ``<package>.<name><suffix>`` (which registers itself) and return its entry."""
-    names = plugin_names(package_dir, suffix)
-    if name not in names:
-        raise unknown_name_error(registry.kind, name, names)
-    importlib.import_module(f"{package}.{name}{suffix}")
-    return registry[name]
+    @property
+    def names(self) -> list[str]:
+        """Names of the plug-in modules on disk, sorted (without importing them)."""
+        names = (p.name[: -len(self.suffix) - 3] for p in self.package_dir.glob(f"*{self.suffix}.py"))
+        return sorted(name for name in names if name != "base")
+
+    def load(self, name: str):
+        """Import the plug-in ``name`` (which registers itself) and return its entry."""
+        if name not in self.names:
+            raise unknown_name_error(self.kind, name, self.names)
+        importlib.import_module(f"{self.package}.{name}{self.suffix}")
+        return self[name]

@@ -32,7 +32,7 @@ def connect_visdom(server: str, port: int, env: str):
         client = visdom.Visdom(server=server, port=port, env=env, raise_exceptions=True)
         if client.check_connection(timeout_seconds=2):
             return client
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure to connect only means "no live plots"
         logger.debug("Visdom connection failed: %s", err)
     logger.warning(
         "no Visdom server at %s:%d (start one with `python -m visdom.server`, or pass --display_id 0); "
@@ -65,7 +65,7 @@ class Visualizer:
             try:
                 self.vis.images([img[None] for img in images.values()], nrow=self.opt.display_ncols,
                                 win=str(self.opt.display_id + 1), opts={"title": f"{self.opt.name} images"})
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - a server that went away turns display off, never training
                 self._drop_visdom(err)
         if self.use_html and save_result:
             for label, image in images.items():
@@ -94,7 +94,7 @@ class Visualizer:
             self.vis.line(X=x, Y=np.array(self.plot_data["Y"]), win=str(self.opt.display_id),
                           opts={"title": f"{self.opt.name} loss over time", "legend": self.plot_data["legend"],
                                 "xlabel": "epoch", "ylabel": "loss"})
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - as above
             self._drop_visdom(err)
 
     def print_current_losses(self, epoch: int, iters: int, losses: OrderedDict[str, float], t_comp: float, t_data: float) -> None:
