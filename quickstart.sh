@@ -28,7 +28,7 @@ NAME=ct_phase0_demo
 "$PY" train.py --dataroot "$DATA" --name "$NAME" --model pix2pix --dataset_mode robust_nifti \
   --skip_corrupted --preprocess none --input_nc 1 --output_nc 1 --axial_slice --norm instance \
   --netG unet_128 --ngf 32 --ndf 32 --batch_size 4 --lambda_L1 100 --lr 0.0002 --resize_to 128 \
-  --intensity hu --display_freq 100 --save_epoch_freq 5 --n_epochs 10 --n_epochs_decay 5 --display_id 0
+  --intensity hu --residual --display_freq 100 --save_epoch_freq 5 --n_epochs 10 --n_epochs_decay 5 --display_id 0
 "$PY" test.py --dataroot "$DATA" --name "$NAME" --model pix2pix --dataset_mode robust_nifti \
   --preprocess none --input_nc 1 --output_nc 1 --axial_slice --epoch latest
 "$PY" use_model.py --input_nifti "$DATA/testA/patient_9.nii.gz" --model_name "$NAME" --epoch latest --output_dir ./results

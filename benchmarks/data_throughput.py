@@ -49,7 +49,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import create_dataloader, create_dataset  # noqa: E402
@@ -80,7 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # -- the two loaders ---------------------------------------------------------------------
-def dataset_options(dataroot: Path, cache_dir: Path, resize_to: int, batch_size: int, workers: int) -> argparse.Namespace:
+def dataset_options(
+    dataroot: Path, cache_dir: Path, resize_to: int, batch_size: int, workers: int
+) -> argparse.Namespace:
     """The options of a training run with the reference's slice flags."""
     netg = f"unet_{resize_to}" if resize_to in (128, 256, 512) else "resnet_9blocks"
     return TrainOptions().parse([

@@ -74,7 +74,7 @@ def window_for(volume: np.ndarray, mode: str, hu_min: float, hu_max: float) -> H
     if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or Inf somewhere: look at the rest
         finite = volume[np.isfinite(volume)]
         if finite.size == 0:
-            raise ValueError("no finite voxels")
+            raise ValueError("no finite voxels: every voxel is NaN or Inf")
         lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
         raise ValueError(f"constant volume (every voxel is {lo:g})")

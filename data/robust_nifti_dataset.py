@@ -56,16 +56,22 @@ def add_slice_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Flags that say how volumes become slices (shared by training and inference)."""
     parser.add_argument("--resize_to", type=int, default=512, help="slices are resized to this square size (pixels)")
     parser.add_argument(
-        "--slice_axis", default="axial", choices=sorted(SLICE_AXES),
+        "--slice_axis",
+        default="axial",
+        choices=sorted(SLICE_AXES),
         help="anatomical axis held constant in each slice, whatever the file's storage order",
     )
     parser.add_argument("--axial_slice", action="store_true", help="cut axial slices (same as --slice_axis axial)")
     parser.add_argument(
-        "--context_slices", type=int, default=0,
+        "--context_slices",
+        type=int,
+        default=0,
         help="K neighbours on each side of a slice given as extra input channels (2.5D); input_nc becomes 1+2K",
     )
     parser.add_argument(
-        "--intensity", default="volume", choices=INTENSITY_MODES,
+        "--intensity",
+        default="volume",
+        choices=INTENSITY_MODES,
         help="0-255 normalisation window: 'volume' = each volume's own min..max (the reference's); "
         "'hu' = the fixed window --hu_min..--hu_max, exactly invertible (recommended for HU metrics)",
     )
@@ -105,7 +111,9 @@ def find_pairs(dataroot: Path, phase: str) -> tuple[list[tuple[Path, Path]], lis
         listings.append(names)
     a_files, b_files = listings
     pairs = [(a_files[name], b_files[name]) for name in sorted(a_files.keys() & b_files.keys())]
-    unpaired = sorted([a_files[n] for n in a_files.keys() - b_files.keys()] + [b_files[n] for n in b_files.keys() - a_files.keys()])
+    unpaired = sorted(
+        [a_files[n] for n in a_files.keys() - b_files.keys()] + [b_files[n] for n in b_files.keys() - a_files.keys()]
+    )
     if not pairs:
         raise DatasetError(f"{folders[0]} and {folders[1]}: no file name appears in both folders")
     return pairs, unpaired
@@ -146,7 +154,9 @@ def load_pairs(
         if not np.allclose(entry_a.canonical_affine, entry_b.canonical_affine, atol=AFFINE_TOLERANCE_MM):
             logger.warning(
                 "%s: affine differs from %s's (max difference %.3g mm): the pair may be misregistered",
-                path_b, path_a.parent.name, np.abs(entry_a.canonical_affine - entry_b.canonical_affine).max(),
+                path_b,
+                path_a.parent.name,
+                np.abs(entry_a.canonical_affine - entry_b.canonical_affine).max(),
             )
         usable = entry_a.usable & entry_b.usable
         if not usable.any():
@@ -173,11 +183,14 @@ class RobustNiftiDataset(BaseDataset):
     def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
         add_slice_options(parser)
         parser.add_argument(
-            "--skip_corrupted", action="store_true",
+            "--skip_corrupted",
+            action="store_true",
             help="skip unreadable files and unusable pairs with a warning instead of stopping",
         )
         parser.add_argument("--cache_dir", default="./cache/slices", help="where decoded slices are kept between runs")
-        parser.add_argument("--no_cache", action="store_true", help="keep decoded slices in a temporary folder removed at exit")
+        parser.add_argument(
+            "--no_cache", action="store_true", help="keep decoded slices in a temporary folder removed at exit"
+        )
         return parser
 
     def __init__(self, opt: argparse.Namespace):
@@ -194,7 +207,8 @@ class RobustNiftiDataset(BaseDataset):
         if unpaired:
             logger.warning(
                 "%d file(s) without a partner of the same name, not used: %s",
-                len(unpaired), ", ".join(str(p) for p in unpaired),
+                len(unpaired),
+                ", ".join(str(p) for p in unpaired),
             )
         self.report = load_pairs(files, self.settings, cache_dir, opt.skip_corrupted)
         self.report.unpaired = unpaired

@@ -57,12 +57,17 @@ logger = logging.getLogger(__name__)
 
 
 class VolumeError(ValueError):
-    """A file that cannot be used as a volume. ``str(err)`` is ``"<path>: <problem>"``."""
+    """A file that cannot be used as a volume. ``str(err)`` is ``"<path>: <problem>[; <hint>]"``.
 
-    def __init__(self, path: str | os.PathLike, problem: str):
+    ``hint`` is advice for the command-line scripts that read one volume (``--frame``);
+    the dataset, which has no such flag, reports ``problem`` alone.
+    """
+
+    def __init__(self, path: str | os.PathLike, problem: str, hint: str | None = None):
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        self.hint = hint
+        super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else ""))
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
@@ -181,7 +186,9 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
         raise VolumeError(path, "has a degenerate or non-finite affine; cannot tell its orientation")
     if np.isnan(io_orientation(affine)).any():
         # Voxel axes so close to parallel that no anatomical direction can be given to one.
-        raise VolumeError(path, f"affine {affine[:3, :3].tolist()} has nearly parallel axes; cannot tell its orientation")
+        raise VolumeError(
+            path, f"affine {affine[:3, :3].tolist()} has nearly parallel axes; cannot tell its orientation"
+        )
 
     meta = VolumeMeta(
         affine=affine,
@@ -199,7 +206,8 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
         # layout (x fastest in NIfTI), so an axial slice stays one contiguous block: copying
         # to C order would transpose the volume here and again when it is cut into slices.
         volume = np.empty_like(canonical, dtype=np.float32)
-        np.copyto(volume, canonical, casting="unsafe")
+        with np.errstate(over="ignore"):  # values beyond float32 become +-Inf, non-finite like NaN
+            np.copyto(volume, canonical, casting="unsafe")
     except Exception as err:
         raise VolumeError(path, f"voxel data cannot be decoded ({_describe(err)})") from err
     return volume, meta
@@ -353,7 +361,11 @@ def _select_frame(path: Path, shape: tuple[int, ...], frame: int | None) -> tupl
         return shape, None
     n_frames = shape[3]
     if frame is None:
-        raise VolumeError(path, f"is 4D with {n_frames} frames (shape {shape}); choose one with --frame K (0..{n_frames - 1})")
+        raise VolumeError(
+            path,
+            f"is 4D with {n_frames} frames (shape {shape}); expected a 3D volume",
+            hint=f"choose one with --frame K (0..{n_frames - 1})",
+        )
     if not 0 <= frame < n_frames:
         raise VolumeError(path, f"has frames 0..{n_frames - 1}; --frame {frame} is out of range")
     return shape[:3], frame

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Keys of train_opt.json that rebuilding the generator and its slicing needs.
 _REQUIRED_OPTIONS = (
-    "input_nc", "output_nc", "ngf", "netG", "norm", "no_dropout", "init_type", "init_gain",
+    "input_nc", "output_nc", "ngf", "netG", "norm", "no_dropout", "residual", "init_type", "init_gain",
     "axial_slice", "slice_axis", "resize_to", "intensity", "hu_min", "hu_max", "context_slices",
 )
 
@@ -148,7 +148,7 @@ def load_generator(
     device = torch.device("cuda", gpu_ids[0]) if gpu_ids else torch.device("cpu")
     try:
         net = define_G(opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, not opt.no_dropout,
-                       opt.init_type, opt.init_gain, list(gpu_ids))
+                       opt.init_type, opt.init_gain, list(gpu_ids), residual=opt.residual)
         settings = SliceSettings(
             slice_axis="axial" if opt.axial_slice else opt.slice_axis,
             resize_to=int(opt.resize_to),

@@ -93,6 +93,22 @@ class UnetSkipConnectionBlock(nn.Module):
         return torch.cat([x, self.model(x)], 1)
 
 
+def add_input(input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``--residual``: the generator predicts a change to its input instead of a new image.
+
+    Adds the input's centre channel (the slice itself, when neighbours ride along as extra
+    channels) to the network's output, then clamps to [-1, 1]. An untrained network then
+    already returns its input, so training starts from the identity and learns the
+    difference, which converges far faster when input and target differ only where
+    things move. No parameters: the state dict is unchanged.
+
+    Shapes: input (B, C_in, H, W), output (B, C_out, H, W) -> (B, C_out, H, W).
+    """
+    centre = input.shape[1] // 2
+    base = input if input.shape[1] == output.shape[1] else input[:, centre : centre + 1]
+    return torch.clamp(base + output, -1.0, 1.0)
+
+
 class UnetGenerator(nn.Module):
     """U-Net whose ``num_downs`` stride-2 convs take a ``2**num_downs`` image to 1x1.
 
@@ -106,6 +122,7 @@ class UnetGenerator(nn.Module):
         ngf: filters in the outermost conv; inner levels use up to ``ngf * 8``.
         norm_layer: norm factory.
         use_dropout: dropout in the ``num_downs - 5`` innermost middle blocks.
+        residual: add the input to the output (see :func:`add_input`).
 
     Shapes: ``(B, input_nc, H, W) -> (B, output_nc, H, W)`` in [-1, 1]; H and W
     multiples of ``2**num_downs``.
@@ -119,8 +136,10 @@ class UnetGenerator(nn.Module):
         ngf: int = 64,
         norm_layer: NormFactory = nn.BatchNorm2d,
         use_dropout: bool = False,
+        residual: bool = False,
     ) -> None:
         super().__init__()
+        self.residual = residual
         if num_downs < 5:
             raise ValueError(f"UnetGenerator needs num_downs >= 5, got {num_downs}")
         # Built from the inside out: innermost, num_downs - 5 middle blocks at ngf * 8,
@@ -139,7 +158,8 @@ class UnetGenerator(nn.Module):
         )  # fmt: skip
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.model(input)
+        output = self.model(input)
+        return add_input(input, output) if self.residual else output
 
 
 class ResnetBlock(nn.Module):
@@ -206,6 +226,7 @@ class ResnetGenerator(nn.Module):
         use_dropout: dropout inside each ResNet block.
         n_blocks: number of ResNet blocks (>= 0).
         padding_type: "reflect" | "replicate" | "zero", inside the blocks.
+        residual: add the input to the output (see :func:`add_input`).
 
     Shapes: ``(B, input_nc, H, W) -> (B, output_nc, H, W)`` in [-1, 1]; H and W
     multiples of 4.
@@ -220,10 +241,12 @@ class ResnetGenerator(nn.Module):
         use_dropout: bool = False,
         n_blocks: int = 6,
         padding_type: str = "reflect",
+        residual: bool = False,
     ) -> None:
         if n_blocks < 0:
             raise ValueError(f"ResnetGenerator needs n_blocks >= 0, got {n_blocks}")
         super().__init__()
+        self.residual = residual
         use_bias = uses_bias(norm_layer)
         model: list[nn.Module] = [
             nn.ReflectionPad2d(3),
@@ -258,7 +281,8 @@ class ResnetGenerator(nn.Module):
         self.model = nn.Sequential(*model)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.model(input)
+        output = self.model(input)
+        return add_input(input, output) if self.residual else output
 
 
 GeneratorFactory = Callable[..., nn.Module]

@@ -72,6 +72,7 @@ def define_G(
     init_type: str = "normal",
     init_gain: float = 0.02,
     gpu_ids: Sequence[int] = (),
+    residual: bool = False,
 ) -> nn.Module:
     """Build, place and initialise the generator ``netG`` (a key of ``GENERATORS``).
 
@@ -83,6 +84,8 @@ def define_G(
         use_dropout: dropout in the U-Net's middle blocks / the ResNet blocks.
         init_type / init_gain: see :func:`init_weights`.
         gpu_ids: CUDA device indices (a list of ints); empty for the CPU.
+        residual: the network predicts a change to its input (``--residual``); same weights
+            and keys, different forward.
 
     Returns:
         The generator (not wrapped): ``(B, input_nc, H, W) -> (B, output_nc, H, W)`` in
@@ -94,7 +97,7 @@ def define_G(
     """
     factory = lookup(GENERATORS, netG, "generator (--netG)")
     norm_layer = get_norm_layer(norm)
-    net = factory(input_nc, output_nc, ngf=ngf, norm_layer=norm_layer, use_dropout=use_dropout)
+    net = factory(input_nc, output_nc, ngf=ngf, norm_layer=norm_layer, use_dropout=use_dropout, residual=residual)
     return init_net(to_sync_batchnorm(net, norm), init_type, init_gain, gpu_ids)
 
 

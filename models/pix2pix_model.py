@@ -63,7 +63,7 @@ class Pix2PixModel(BaseModel):
         gpu_ids = [device.index] if device.type == "cuda" else []
         self.netG = define_G(
             opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, not opt.no_dropout,
-            opt.init_type, opt.init_gain, gpu_ids,
+            opt.init_type, opt.init_gain, gpu_ids, residual=opt.residual,
         )
         if not self.is_train:
             return

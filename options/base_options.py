@@ -25,7 +25,7 @@ from util.registry import unknown_name_error
 # Flags that define the network and its inputs. A run folder's train_opt.json supplies
 # them as defaults at test time and on resume; an explicit flag still wins.
 MODEL_DEFINING_OPTIONS = (
-    "model", "netG", "netD", "ngf", "ndf", "n_layers_D", "norm", "no_dropout", "input_nc", "output_nc",
+    "model", "netG", "netD", "ngf", "ndf", "n_layers_D", "norm", "no_dropout", "residual", "input_nc", "output_nc",
     "init_type", "init_gain", "direction", "resize_to", "slice_axis", "axial_slice", "context_slices",
     "intensity", "hu_min", "hu_max", "gan_mode",
 )
@@ -94,6 +94,9 @@ class BaseOptions:
         g.add_argument("--init_type", default="normal", choices=sorted(models.networks.INIT_TYPES), help="weight initialisation")
         g.add_argument("--init_gain", type=float, default=0.02, help="scale for normal, xavier and orthogonal init")
         g.add_argument("--no_dropout", action="store_true", help="no dropout in the generator")
+        g.add_argument("--residual", action="store_true",
+                       help="the generator predicts the change to its input slice (output = input + G(input)); "
+                       "starts from the identity and learns far faster when input and target differ only where things move")
 
         g = parser.add_argument_group("data")
         g.add_argument("--dataset_mode", default="robust_nifti", choices=data.DATASET_MODES, help="data/<mode>_dataset.py")
@@ -168,6 +171,8 @@ class BaseOptions:
                 f"--input_nc {opt.input_nc} does not match --context_slices {opt.context_slices}: "
                 f"the input has 1+2K = {1 + 2 * opt.context_slices} channels (leave --input_nc out)"
             )
+        if opt.residual and opt.output_nc not in (1, opt.input_nc):
+            raise OptionsError(f"--residual adds the input slice to the output: --output_nc must be 1 or --input_nc, got {opt.output_nc}")
         if hasattr(opt, "hu_min") and opt.hu_max <= opt.hu_min:
             raise OptionsError(f"--hu_max {opt.hu_max} must be above --hu_min {opt.hu_min}")
         for flag in ("batch_size", "input_nc", "output_nc", "ngf", "ndf"):

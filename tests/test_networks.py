@@ -438,3 +438,19 @@ def test_unknown_names_list_valid_names_and_closest(call, closest: str) -> None:
     with pytest.raises(ValueError, match="choose one of ") as excinfo:
         call()
     assert f"did you mean {closest!r}" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("netG", ["unet_128", "resnet_6blocks"])
+def test_residual_generator_starts_from_its_input_and_keeps_upstream_keys(netG):
+    plain = define_G(3, 1, 4, netG, "instance", gpu_ids=[])
+    residual = define_G(3, 1, 4, netG, "instance", gpu_ids=[], residual=True)
+    assert plain.state_dict().keys() == residual.state_dict().keys()
+    # A network whose last layer outputs zero changes nothing: the output is the centre slice.
+    last_conv = [m for m in residual.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+    torch.nn.init.zeros_(last_conv.weight)
+    torch.nn.init.zeros_(last_conv.bias)
+    x = torch.rand(2, 3, 128, 128) * 1.8 - 0.9
+    with torch.no_grad():
+        assert torch.allclose(residual(x), x[:, 1:2], atol=1e-6)
+        residual.load_state_dict(plain.state_dict())
+        assert torch.allclose(residual(x), torch.clamp(x[:, 1:2] + plain(x), -1, 1), atol=1e-6)

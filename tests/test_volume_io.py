@@ -177,7 +177,9 @@ def test_nibabel_header_fixes_do_not_reach_stderr(tmp_path):
     struct.pack_into("<h", raw, 254, 123)  # sform_code 123: nibabel resets it and says so
     (tmp_path / "odd.nii").write_bytes(bytes(raw))
     code = "import sys; from data.volume_io import read_volume; read_volume(sys.argv[1])"
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "odd.nii")], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "odd.nii")], capture_output=True, text=True, cwd=REPO
+    )
     assert done.returncode == 0 and done.stderr == ""
 
 
@@ -197,7 +199,8 @@ def test_unreadable_content(tmp_path, content, problem):
 
 
 @pytest.mark.parametrize(
-    ("name", "problem"), [("missing.nii", "not found"), ("volume.mha", "does not end in"), ("folder.nii", "not a regular")]
+    ("name", "problem"),
+    [("missing.nii", "not found"), ("volume.mha", "does not end in"), ("folder.nii", "not a regular")],
 )
 def test_wrong_paths(tmp_path, name, problem):
     (tmp_path / "volume.mha").write_bytes(b"x")
@@ -217,7 +220,9 @@ HEADER_FIELDS = {
     "srow_x0": (280, "<f"), "srow_z2": (320, "<f"),
 }  # fmt: skip
 INTERESTING_INTS = st.sampled_from([-32768, -1, 0, 1, 2, 3, 4, 5, 7, 8, 16, 64, 128, 256, 512, 768, 1024, 2048, 32767])
-INTERESTING_FLOATS = st.sampled_from([0.0, -1.0, 1e-30, 1.0, 352.0, 353.0, 1e6, 3.4e38, float("nan"), float("inf"), float("-inf")])
+INTERESTING_FLOATS = st.sampled_from(
+    [0.0, -1.0, 1e-30, 1.0, 352.0, 353.0, 1e6, 3.4e38, float("nan"), float("inf"), float("-inf")]
+)
 
 
 @st.composite
