@@ -98,7 +98,15 @@ def define_G(
     factory = lookup(GENERATORS, netG, "generator (--netG)")
     norm_layer = get_norm_layer(norm)
     net = factory(input_nc, output_nc, ngf=ngf, norm_layer=norm_layer, use_dropout=use_dropout, residual=residual)
-    return init_net(to_sync_batchnorm(net, norm), init_type, init_gain, gpu_ids)
+    net = init_net(to_sync_batchnorm(net, norm), init_type, init_gain, gpu_ids)
+    if residual:
+        # A randomly initialised output layer adds ~200 HU of noise to every voxel; zeroed,
+        # the untrained network returns its input exactly and training starts from there.
+        output_layer = [m for m in net.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)][-1]
+        nn.init.zeros_(output_layer.weight)
+        if output_layer.bias is not None:
+            nn.init.zeros_(output_layer.bias)
+    return net
 
 
 def define_D(

@@ -445,10 +445,7 @@ def test_residual_generator_starts_from_its_input_and_keeps_upstream_keys(netG):
     plain = define_G(3, 1, 4, netG, "instance", gpu_ids=[])
     residual = define_G(3, 1, 4, netG, "instance", gpu_ids=[], residual=True)
     assert plain.state_dict().keys() == residual.state_dict().keys()
-    # A network whose last layer outputs zero changes nothing: the output is the centre slice.
-    last_conv = [m for m in residual.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
-    torch.nn.init.zeros_(last_conv.weight)
-    torch.nn.init.zeros_(last_conv.bias)
+    # Untrained, it changes nothing: the output is the centre slice of the input.
     x = torch.rand(2, 3, 128, 128) * 1.8 - 0.9
     with torch.no_grad():
         assert torch.allclose(residual(x), x[:, 1:2], atol=1e-6)
