@@ -64,5 +64,6 @@ def create_dataloader(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and workers > 0,
+        collate_fn=getattr(dataset, "collate_fn", None),
         drop_last=False,
     )

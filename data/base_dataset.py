@@ -18,6 +18,10 @@ class BaseDataset(torch.utils.data.Dataset):
     themselves in ``data.DATASETS`` under the name that ``--dataset_mode`` takes.
     """
 
+    # How a DataLoader joins samples into a batch (create_dataloader passes it on);
+    # None: torch's default_collate.
+    collate_fn = None
+
     @staticmethod
     def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
         return parser

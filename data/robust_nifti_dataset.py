@@ -27,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
+from torch.utils.data import default_collate
 
 from data import DATASETS
 from data.base_dataset import BaseDataset, DatasetError
 from data.intensity import INTENSITY_MODES
-from data.slice_cache import CachedVolume, SliceSettings, cached_volume
+from data.slice_cache import CachedVolume, SliceReader, SliceSettings, cached_volume
 from data.slicing import SLICE_AXES, context_indices
 from data.volume_io import VolumeError, is_nifti_path, strip_nifti_suffix
 
@@ -78,17 +80,6 @@ def add_slice_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--hu_min", type=float, default=-1024.0, help="lower end of the 'hu' window (HU)")
     parser.add_argument("--hu_max", type=float, default=3071.0, help="upper end of the 'hu' window (HU)")
     return parser
-
-
-def slice_settings(opt: argparse.Namespace) -> SliceSettings:
-    """The :class:`SliceSettings` that ``opt`` describes."""
-    return SliceSettings(
-        slice_axis="axial" if opt.axial_slice else opt.slice_axis,
-        resize_to=opt.resize_to,
-        intensity=opt.intensity,
-        hu_min=opt.hu_min,
-        hu_max=opt.hu_max,
-    )
 
 
 def find_pairs(dataroot: Path, phase: str) -> tuple[list[tuple[Path, Path]], list[Path]]:
@@ -171,9 +162,11 @@ def load_pairs(
 class RobustNiftiDataset(BaseDataset):
     """Paired slices; item ``i`` is ``{"A": (C_in, S, S), "B": (C_out, S, S), ...}`` in [-1, 1].
 
-    ``A`` and ``B`` are float16, the cache's own precision (about 0.06 of the 0-255 range):
-    served as stored, a slice costs one copy out of the page cache and half the bytes of
-    float32 between worker processes and to the GPU. The model casts them with ``.float()``.
+    ``A`` and ``B`` are float16, the cache's own precision (about 0.06 of the 0-255 range,
+    half a HU in the default ``hu`` window): served as stored, a slice is one read from the
+    cache and half the bytes of float32 between worker processes and to the GPU
+    (benchmarks/data_throughput.py measured float16 faster in every loader configuration).
+    The model casts them with ``.float()``.
     """
 
     # What __getitem__ returns; benchmarks/data_throughput.py compares float32.
@@ -195,7 +188,7 @@ class RobustNiftiDataset(BaseDataset):
 
     def __init__(self, opt: argparse.Namespace):
         self.opt = opt
-        self.settings = slice_settings(opt)
+        self.settings = SliceSettings.from_options(opt)
         self.context_slices = opt.context_slices
         self.flip = opt.isTrain and not opt.no_flip
         cache_dir = Path(opt.cache_dir)
@@ -223,7 +216,7 @@ class RobustNiftiDataset(BaseDataset):
         ]
         if opt.max_dataset_size < len(self.samples):
             self.samples = self.samples[: int(opt.max_dataset_size)]
-        self._open: dict[Path, np.ndarray] = {}  # memory maps, opened per process on first use
+        self._reader = SliceReader()
 
     def summary_lines(self) -> list[str]:
         r = self.report
@@ -237,47 +230,75 @@ class RobustNiftiDataset(BaseDataset):
             lines.append(f"  unpaired (not used): {', '.join(p.name for p in r.unpaired)}")
         return lines
 
-    def _slices(self, entry: CachedVolume) -> np.ndarray:
-        if entry.folder not in self._open:
-            self._open[entry.folder] = entry.open_slices()
-        return self._open[entry.folder]
-
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> AssembledBatch:
+        """The samples ``indices``, each slice read straight into its place in one batch.
+
+        The DataLoader calls this instead of ``__getitem__`` once per batch, which spares
+        every slice a copy (and a fresh buffer) on its way from the cache to the trainer;
+        :meth:`collate_fn` then hands on the batch as it is.
+
+        Returns:
+            The samples (as ``__getitem__`` gives them, views into the batch), with
+            ``.batch`` = ``{"A": (B, 1+2K, S, S), "B": (B, 1, S, S), "A_paths": [B paths],
+            "B_paths": [...], "slice_index": (B,) int64, "patient": [B names]}``; images
+            float16 in [-1, 1].
+        """
+        located = [self._locate(index) for index in indices]
+        size = located[0][0].slice_shape
+        a = torch.empty((len(indices), 1 + 2 * self.context_slices, *size), dtype=torch.float16)
+        b = torch.empty((len(indices), 1, *size), dtype=torch.float16)
+        if torch.utils.data.get_worker_info() is not None:
+            # As default_collate does in a worker: the batch travels to the trainer without a copy.
+            a.share_memory_(), b.share_memory_()
+        a_pixels, b_pixels = a.numpy(), b.numpy()
+        for i, (entry_a, entry_b, k) in enumerate(located):
+            flip = self.flip and random.random() < 0.5
+            # (1+2K, S, S): the slice and its K neighbours on each side
+            self._reader.read_into(
+                a_pixels[i], entry_a, context_indices(k, entry_a.n_slices, self.context_slices), flip
+            )
+            self._reader.read_into(b_pixels[i], entry_b, np.array([k]), flip)
+        a, b = a.to(self.sample_dtype), b.to(self.sample_dtype)
+        samples = [
+            {
+                "A": a[i],
+                "B": b[i],
+                "A_paths": str(entry_a.source),
+                "B_paths": str(entry_b.source),
+                "slice_index": k,
+                "patient": strip_nifti_suffix(entry_a.source.name),
+            }
+            for i, (entry_a, entry_b, k) in enumerate(located)
+        ]
+        labels = default_collate([{key: value for key, value in x.items() if key not in ("A", "B")} for x in samples])
+        batch = {"A": a, "B": b, **labels}
+        return AssembledBatch(samples, batch)
+
+    def _locate(self, index: int) -> tuple[CachedVolume, CachedVolume, int]:
+        """(input entry, target entry, slice index) of sample ``index``."""
         pair_index, k = self.samples[index]
         entry_a, entry_b = self.report.pairs[pair_index]
-        if self.opt.direction == "BtoA":
-            entry_a, entry_b = entry_b, entry_a
-        # (1+2K, S, S): the slice and its K neighbours on each side
-        a = _channels(self._slices(entry_a), context_indices(k, entry_a.n_slices, self.context_slices))
-        b = _channels(self._slices(entry_b), np.array([k]))
-        if self.flip and random.random() < 0.5:
-            a, b = _flip_columns(a), _flip_columns(b)
-        return {
-            "A": a.to(self.sample_dtype),
-            "B": b.to(self.sample_dtype),
-            "A_paths": str(entry_a.source),
-            "B_paths": str(entry_b.source),
-            "slice_index": k,
-            "patient": strip_nifti_suffix(entry_a.source.name),
-        }
+        return (entry_b, entry_a, k) if self.opt.direction == "BtoA" else (entry_a, entry_b, k)
+
+    @staticmethod
+    def collate_fn(samples: list[dict]) -> dict:
+        """The batch ``__getitems__`` made; other lists of samples are joined by ``default_collate``."""
+        return samples.batch if isinstance(samples, AssembledBatch) else default_collate(samples)
 
 
-def _channels(slices: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-    """(C, S, S) float16 tensor of ``slices[indices]``; a view of the cache when they are consecutive."""
-    first, last = int(indices[0]), int(indices[-1])
-    if last - first == len(indices) - 1:
-        # A view: the batch's collation is then the only copy out of the page cache.
-        return torch.from_numpy(np.asarray(slices[first : last + 1]))
-    return torch.from_numpy(np.asarray(slices[indices]))  # edge slices repeated: a copy
+class AssembledBatch(list):
+    """A list of samples that are views into one ready batch, ``.batch``.
 
-
-def _flip_columns(image: torch.Tensor) -> torch.Tensor:
-    """Left-right flip of a (C, S, S) float16 tensor, as a new tensor.
-
-    Flipped as int16 (same bits): torch's CPU flip is vectorised for integers, several
-    times faster than for float16.
+    A DataLoader built without :meth:`RobustNiftiDataset.collate_fn` still works: torch's
+    ``default_collate`` stacks the samples as usual (one copy more).
     """
-    return image.view(torch.int16).flip(-1).view(torch.float16)
+
+    def __init__(self, samples: list[dict], batch: dict):
+        super().__init__(samples)
+        self.batch = batch

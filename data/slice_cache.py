@@ -2,9 +2,10 @@
 
 A volume is decoded once: its slices, already windowed, resized and in the network's
 [-1, 1] range, go to ``<cache_dir>/<folder>_<file stem>-<key>/slices.npy`` (float16, shape
-``(N, S, S)``, read memory-mapped), with ``entry.json`` describing them. Training and every
-DataLoader worker read slices from there without touching the NIfTI file again, so memory
-is bounded by the batch, not the dataset.
+``(N, S, S)``, a plain .npy array that ``np.load(..., mmap_mode="r")`` maps), with
+``entry.json`` describing them. Training and every DataLoader worker read slices from there
+(:class:`SliceReader`, a few at a time) without touching the NIfTI file again, so memory is
+bounded by the batch, not the dataset.
 
 The key hashes the file's identity (absolute path, size, modification time) and every
 setting that changes the slices (:class:`SliceSettings`), so a changed file or setting
@@ -26,6 +27,8 @@ import logging
 import os
 import shutil
 import socket
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,7 @@ SLICES_FILE = "slices.npy"
 ENTRY_FILE = "entry.json"
 PARTIAL_MARK = ".partial-"  # <entry>.partial-<host>-<pid>: a build in progress (or abandoned)
 BUILD_CHUNK = 16  # slices windowed and resized at a time: bounds the memory of a build
+_HAS_PREADV = hasattr(os, "preadv")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,17 @@ class SliceSettings:
     intensity: str = "volume"
     hu_min: float = -1024.0
     hu_max: float = 3071.0
+
+    @classmethod
+    def from_options(cls, opt) -> SliceSettings:
+        """The settings that parsed options (or a run's saved ``train_opt.json``) describe."""
+        return cls(
+            slice_axis="axial" if opt.axial_slice else opt.slice_axis,
+            resize_to=int(opt.resize_to),
+            intensity=opt.intensity,
+            hu_min=float(opt.hu_min),
+            hu_max=float(opt.hu_max),
+        )
 
     def key_fields(self) -> dict:
         fields = dataclasses.asdict(self)
@@ -75,6 +90,8 @@ class CachedVolume:
         window: the intensity window the slices were normalised with.
         finite: (N,) bool, slice has only finite voxels.
         blank: (N,) bool, slice is constant (carries no image).
+        slice_shape: (S, S) size of a cached slice.
+        data_offset: byte offset of slice 0 in ``slices.npy`` (after the .npy header).
     """
 
     source: Path
@@ -85,6 +102,8 @@ class CachedVolume:
     window: HUWindow
     finite: np.ndarray
     blank: np.ndarray
+    slice_shape: tuple[int, int]
+    data_offset: int
 
     @property
     def usable(self) -> np.ndarray:
@@ -92,12 +111,78 @@ class CachedVolume:
         return self.finite & ~self.blank
 
     def open_slices(self) -> np.ndarray:
-        """(N, S, S) float16 memory map in [-1, 1]; opened lazily, so cheap per worker.
+        """(N, S, S) float16 read-only memory map in [-1, 1]."""
+        return np.load(self.folder / SLICES_FILE, mmap_mode="r")
 
-        Copy-on-write: torch can wrap its slices without a copy (it refuses read-only
-        arrays), and a write would change only this process's pages, never the file.
-        """
-        return np.load(self.folder / SLICES_FILE, mmap_mode="c")
+
+class SliceReader:
+    """Reads runs of consecutive slices from cache entries, as fresh (C, S, S) float16 arrays.
+
+    Reads are ``pread`` calls into the returned array rather than copies out of a memory
+    map: measured on the seed data set, as fast as a memory map once every page is mapped
+    and faster before (a new DataLoader worker maps the cache page by page), and the
+    process's resident memory stays at its batches instead of growing with every cached
+    page it touched. ``pread`` has no file position, so the descriptors can be shared by
+    forked DataLoader workers. At most ``max_open`` files are kept open.
+    """
+
+    def __init__(self, max_open: int = 64):
+        self.max_open = max_open
+        self._files: OrderedDict[Path, int] = OrderedDict()  # entry folder -> open descriptor
+        weakref.finalize(self, _close_all, self._files)  # also at exit, while `os` still exists
+
+    def read(self, entry: CachedVolume, first: int, count: int) -> np.ndarray:
+        """Slices ``first .. first + count - 1`` of ``entry``: (count, S, S) float16."""
+        out = np.empty((count, *entry.slice_shape), dtype=np.float16)
+        if count == 0:
+            return out
+        if not _HAS_PREADV:  # Windows: read through a memory map instead
+            out[:] = entry.open_slices()[first : first + count]
+        else:
+            self._pread(out, entry, first)
+        return out
+
+    def read_into(self, out: np.ndarray, entry: CachedVolume, indices: np.ndarray, flip: bool = False) -> None:
+        """Write slices ``indices`` of ``entry`` (consecutive, or with repeated ends) into
+        ``out`` (len(indices), S, S), mirrored left-right if ``flip``."""
+        first, count = int(indices[0]), int(indices[-1]) - int(indices[0]) + 1
+        if not flip and count == len(indices) and out.flags.c_contiguous and _HAS_PREADV:
+            self._pread(out, entry, first)  # straight into place: no intermediate copy
+            return
+        block = self.read(entry, first, count)[indices - first]
+        np.copyto(out, block[..., ::-1] if flip else block)
+
+    def close(self) -> None:
+        _close_all(self._files)
+
+    def _pread(self, out: np.ndarray, entry: CachedVolume, first: int) -> None:
+        done = os.preadv(
+            self._descriptor(entry), [memoryview(out).cast("B")], entry.data_offset + first * out[0].nbytes
+        )
+        if done != out.nbytes:
+            last = first + len(out) - 1
+            raise OSError(f"{entry.folder / SLICES_FILE}: slices {first}..{last} cut short on disk")
+
+    def _descriptor(self, entry: CachedVolume) -> int:
+        if entry.folder in self._files:
+            self._files.move_to_end(entry.folder)
+            return self._files[entry.folder]
+        if len(self._files) >= self.max_open:
+            os.close(self._files.popitem(last=False)[1])
+        descriptor = os.open(entry.folder / SLICES_FILE, os.O_RDONLY)
+        self._files[entry.folder] = descriptor
+        return descriptor
+
+    def __getstate__(self) -> dict:
+        return {"max_open": self.max_open}  # descriptors do not travel to spawned processes
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def _close_all(files: OrderedDict[Path, int]) -> None:
+    while files:
+        os.close(files.popitem()[1])
 
 
 def cache_key(path: Path, settings: SliceSettings) -> str:
@@ -233,7 +318,7 @@ def _load_entry(folder: Path, source: Path) -> CachedVolume | None:
             return None
         # A truncated array file fails np.load above; check the size as well for a file
         # that was cut exactly at the end of its header.
-        if (folder / SLICES_FILE).stat().st_size < slices.nbytes:
+        if (folder / SLICES_FILE).stat().st_size < slices.offset + slices.nbytes:
             return None
         finite = np.asarray(description["finite"], dtype=bool)
         blank = np.asarray(description["blank"], dtype=bool)
@@ -248,6 +333,8 @@ def _load_entry(folder: Path, source: Path) -> CachedVolume | None:
             window=HUWindow(**description["window"]),
             finite=finite,
             blank=blank,
+            slice_shape=tuple(slices.shape[1:]),
+            data_offset=int(slices.offset),
         )
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         return None

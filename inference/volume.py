@@ -149,13 +149,7 @@ def load_generator(
     try:
         net = define_G(opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, not opt.no_dropout,
                        opt.init_type, opt.init_gain, list(gpu_ids), residual=opt.residual)
-        settings = SliceSettings(
-            slice_axis="axial" if opt.axial_slice else opt.slice_axis,
-            resize_to=int(opt.resize_to),
-            intensity=opt.intensity,
-            hu_min=float(opt.hu_min),
-            hu_max=float(opt.hu_max),
-        )
+        settings = SliceSettings.from_options(opt)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{options_file}: describes a network that cannot be built ({err})") from err
     load_state_dict_file(net, weights, device)

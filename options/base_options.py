@@ -102,7 +102,11 @@ class BaseOptions:
         g.add_argument("--dataset_mode", default="robust_nifti", choices=data.DATASET_MODES, help="data/<mode>_dataset.py")
         g.add_argument("--direction", default="AtoB", choices=("AtoB", "BtoA"), help="AtoB: average -> phase 0")
         g.add_argument("--serial_batches", action="store_true", help="take slices in order instead of shuffling")
-        g.add_argument("--num_threads", type=int, default=4, help="DataLoader worker processes (0: load in the main process)")
+        # Slices come from a local cache at >2,000/s in the main process (benchmarks/data_throughput.py);
+        # on a CPU, worker processes only add shared-memory copies, so they help only beside a GPU.
+        default_workers = 4 if torch.cuda.is_available() else 0
+        g.add_argument("--num_threads", type=int, default=default_workers,
+                       help=f"DataLoader worker processes; 0 loads in the main process (default here: {default_workers})")
         g.add_argument("--batch_size", type=int, default=1, help="slices per batch (per GPU under torchrun)")
         g.add_argument("--preprocess", default="none", choices=("none",),
                        help="kept for pix2pix compatibility; slices are resized with --resize_to")

@@ -159,6 +159,15 @@ def test_hu_window_is_fixed_and_inverts_to_hu(tmp_path):
         np.testing.assert_allclose(as_hu(ds[k]["B"], window)[0], volume[:, :, k] + 100, atol=0.5)
 
 
+def test_hu_window_and_its_inverse_round_trip():
+    window = HUWindow(-1024, 3071)
+    hu = np.arange(-1024, 3072, dtype=np.float32)
+    np.testing.assert_allclose(window.inverse(window(hu)), hu, atol=1e-3)
+    assert window(np.array([-3000.0, 5000.0])).tolist() == [0.0, 255.0]  # clipped outside the window
+    with pytest.raises(ValueError, match="lo_hu < hi_hu"):
+        HUWindow(100, 100)
+
+
 # -- samples -------------------------------------------------------------------------------
 def test_blank_and_non_finite_slices_are_skipped(tmp_path, caplog):
     volume = ct(4)
@@ -189,26 +198,57 @@ def test_context_slices_are_neighbours_with_edges_repeated(tmp_path, context):
         np.testing.assert_allclose(as_hu(item["A"], window)[:, 5, 5], neighbours * 100, atol=0.5)
 
 
-def test_flips_a_and_b_together(tmp_path):
+@pytest.mark.parametrize("context", [0, 1])
+def test_flips_a_and_b_together(tmp_path, context):
     volume = ct(6)
     write(tmp_path / "trainA" / "p.nii.gz", volume)
     write(tmp_path / "trainB" / "p.nii.gz", volume)
     opt = TrainOptions().parse([
         "--dataroot", str(tmp_path), "--netG", "resnet_6blocks", "--resize_to", "16", "--gpu_ids", "-1",
-        "--cache_dir", str(tmp_path / "cache"),
+        "--cache_dir", str(tmp_path / "cache"), "--context_slices", str(context),
     ])  # fmt: skip
     ds = create_dataset(opt)
-    unflipped = [ds._slices(ds.report.pairs[0][0])[k] for k in range(SHAPE[2])]
+    unflipped = ds.report.pairs[0][0].open_slices()
     flips = 0
     for _ in range(8):
         for k in range(SHAPE[2]):
             item = ds[k]
-            assert torch.equal(item["A"], item["B"])
-            flips += not np.array_equal(item["A"][0].numpy(), unflipped[k])
-            assert np.array_equal(item["A"][0].numpy(), unflipped[k]) or np.array_equal(
-                item["A"][0].numpy(), unflipped[k][:, ::-1]
-            )
+            centre = item["A"][context].numpy()  # the slice itself, between its neighbours
+            assert np.array_equal(centre, item["B"][0].numpy())
+            flipped = not np.array_equal(centre, unflipped[k])
+            assert not flipped or np.array_equal(centre, unflipped[k][:, ::-1])
+            neighbours = np.clip(np.arange(k - context, k + context + 1), 0, SHAPE[2] - 1)
+            expected = unflipped[neighbours][..., ::-1] if flipped else unflipped[neighbours]
+            assert np.array_equal(item["A"].numpy(), expected)  # neighbours flipped with it
+            flips += flipped
     assert 0 < flips < 8 * SHAPE[2]
+
+
+def test_a_plain_dataloader_gives_the_same_batches(tmp_path):
+    root = make_root(tmp_path, n_pairs=2)
+    ds = dataset(root)
+    ours = list(create_dataloader(ds, options(root, "--batch_size", "4")))  # with the dataset's collate_fn
+    plain = list(torch.utils.data.DataLoader(ds, batch_size=4))  # torch's default_collate
+    assert len(ours) == len(plain) == -(-len(ds) // 4)
+    for mine, theirs in zip(ours, plain):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]) if key in ("A", "B", "slice_index") else mine[key] == theirs[key]
+
+
+def test_a_batch_holds_the_same_samples_as_single_items(tmp_path):
+    root = make_root(tmp_path, n_pairs=2)
+    ds = dataset(root, "--context_slices", "1")
+    indices = [0, 5, 7, 11]
+    batch = ds.collate_fn(ds.__getitems__(indices))  # what the DataLoader does per batch
+    assert isinstance(batch["A_paths"], list) and len(batch["A_paths"]) == 4
+    assert batch["A"].shape == (4, 3, 16, 16) and batch["B"].shape == (4, 1, 16, 16)
+    assert batch["slice_index"].dtype == torch.int64
+    for i, index in enumerate(indices):
+        item = ds[index]
+        assert torch.equal(batch["A"][i], item["A"]) and torch.equal(batch["B"][i], item["B"])
+        for key in ("A_paths", "B_paths", "patient", "slice_index"):
+            assert batch[key][i] == item[key]
 
 
 def test_direction_b_to_a_swaps_the_sides(tmp_path):

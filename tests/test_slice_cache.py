@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import data.slice_cache as slice_cache
-from data.slice_cache import ENTRY_FILE, SLICES_FILE, SliceSettings, cached_volume
+from data.slice_cache import ENTRY_FILE, SLICES_FILE, SliceReader, SliceSettings, cached_volume
 from data.volume_io import VolumeError, new_volume_meta, write_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,20 @@ def test_entry_is_a_float16_memory_map_with_its_description(tmp_path):
     assert entry.folder.name.startswith("trainA_p-")
     description = json.loads((entry.folder / ENTRY_FILE).read_text())
     assert description["source"] == str(source.resolve()) and description["n_slices"] == 6
+
+
+def test_reader_reads_runs_of_slices_with_few_open_files(tmp_path):
+    entries_ = [cached_volume(write(tmp_path / f"p{i}.nii.gz", i), SETTINGS, tmp_path / "cache")[0] for i in range(3)]
+    reader = SliceReader(max_open=2)
+    for entry in entries_ * 2:
+        np.testing.assert_array_equal(reader.read(entry, 2, 3), entry.open_slices()[2:5])
+        assert len(reader._files) <= 2
+    block = reader.read(entries_[0], 5, 1)
+    assert block.shape == (1, 16, 16) and block.flags.writeable  # a fresh array, not a view of the file
+    with pytest.raises(OSError, match="cut short"):
+        reader.read(entries_[0], 5, 2)  # past the last slice
+    reader.close()
+    assert reader._files == {}
 
 
 def test_later_runs_reuse_the_entry(tmp_path, reads):

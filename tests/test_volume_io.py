@@ -241,7 +241,7 @@ def damaged_nifti(draw) -> tuple[bytes, str]:
 
 
 @settings(
-    max_examples=200, deadline=timedelta(seconds=5), derandomize=True,
+    max_examples=200, deadline=timedelta(seconds=5), derandomize=True, database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )  # fmt: skip
 @given(case=st.one_of(damaged_nifti(), st.tuples(st.binary(max_size=1200), st.sampled_from([".nii", ".nii.gz"]))))
