@@ -45,6 +45,8 @@ from nibabel.orientations import (
     ornt_transform,
 )
 
+from util.atomic import atomic_path
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 OUTPUT_DTYPES = ("int16", "float32")
 # A header that claims more voxels than this is refused before any memory is allocated:
@@ -248,12 +250,8 @@ def write_volume(
 
     image = _build_image(data, meta)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    temporary = path.with_name(f".{strip_nifti_suffix(path.name)}.partial-{os.getpid()}{suffix}")
-    try:
+    with atomic_path(path, suffix=suffix) as temporary:
         nib.save(image, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

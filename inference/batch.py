@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from data.volume_io import VolumeError, is_nifti_path
 from inference.volume import PhaseGenerator, output_name, translate_file
+from util.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +107,11 @@ def translate_folder(
 def write_summary(rows: Iterable[BatchRow], path: str | Path) -> Path:
     """Write ``rows`` as CSV (columns ``file,status,error,slices,seconds``), atomically."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(temporary, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(BatchRow)])
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(BatchRow)])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
     return path
 
 

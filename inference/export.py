@@ -21,7 +21,6 @@ network.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from inference.volume import PhaseGenerator
+from util.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +177,8 @@ def _cpu_copy(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def _save_atomically(path: Path, save: Callable[[str], None]) -> None:
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    with atomic_path(path) as temporary:
         save(str(temporary))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @contextmanager

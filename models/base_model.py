@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.networks import get_scheduler
+from util.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +42,8 @@ def read_train_state(run_folder: Path, label: str) -> dict | None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     """Save to a temporary name, then rename: an interrupted save never corrupts ``path``."""
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    with atomic_path(path) as temporary:
         torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class CheckpointError(FileNotFoundError):
@@ -163,9 +159,8 @@ class BaseModel(ABC):
         }
         atomic_torch_save(state, self.save_dir / f"{label}_train_state.pth")
         counters = self.save_dir / f"{label}_train_state.json"
-        temporary = counters.with_name(f".{counters.name}.partial-{os.getpid()}")
-        temporary.write_text(json.dumps({"epoch": epoch, "total_iters": total_iters}))
-        os.replace(temporary, counters)
+        with atomic_path(counters) as temporary:
+            temporary.write_text(json.dumps({"epoch": epoch, "total_iters": total_iters}))
 
     def load_networks(self, label: str | int) -> None:
         """Load ``<label>_net_<name>.pth`` into every network.
