@@ -19,6 +19,7 @@ from data.base_dataset import DatasetError
 from evaluation.test_run import results_folder, run_test
 from models.base_model import CheckpointError
 from options.test_options import TestOptions
+from util.cli import run_reporting_errors
 from util.runtime import setup_logging, setup_runtime
 
 logger = logging.getLogger("test")
@@ -37,8 +38,4 @@ def main(opt: argparse.Namespace, options: TestOptions) -> None:
 if __name__ == "__main__":
     options = TestOptions()
     opt = options.parse()
-    try:
-        main(opt, options)
-    except (DatasetError, CheckpointError) as err:
-        print(f"test.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_reporting_errors("test.py", lambda: main(opt, options), (DatasetError, CheckpointError)))

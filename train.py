@@ -20,6 +20,7 @@ from data.base_dataset import DatasetError
 from models.base_model import CheckpointError
 from options.train_options import TrainOptions
 from training.loop import train
+from util.cli import run_reporting_errors
 from util.runtime import setup_logging, setup_runtime, shutdown
 
 logger = logging.getLogger("train")
@@ -42,11 +43,9 @@ def main(opt: argparse.Namespace, options: TrainOptions) -> None:
 if __name__ == "__main__":
     options = TrainOptions()
     opt = options.parse()
-    try:
-        main(opt, options)
-    except (DatasetError, CheckpointError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("train.py: interrupted; 'latest' checkpoint saved, resume with --continue_train", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(
+        run_reporting_errors(
+            "train.py", lambda: main(opt, options), (DatasetError, CheckpointError),
+            interrupted="interrupted; 'latest' checkpoint saved, resume with --continue_train",
+        )
+    )

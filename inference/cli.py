@@ -8,7 +8,6 @@ missing checkpoint) into one line on stderr and exit code 1, without a traceback
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from data.volume_io import OUTPUT_DTYPES, VolumeError
 from models.base_model import CheckpointError
 from options.base_options import OneLineErrorParser, OptionsError, parse_gpu_ids
+from util.cli import run_reporting_errors
 
 # Errors that mean "this input or this run folder cannot be used", as opposed to a bug.
 # Each message starts with the file at fault.
@@ -102,14 +102,7 @@ def run_cli(
     opt = parser.parse_args(argv)
     if hasattr(opt, "gpu_ids"):
         check_device(parser, opt)
-    try:
-        return main(opt) or 0
-    except USER_ERRORS as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(parser.prog, lambda: main(opt), USER_ERRORS)
 
 
 def _positive_int(text: str) -> int:
