@@ -33,12 +33,12 @@ NAME=ct_phase0_demo
   --intensity hu --residual --no_dropout --display_freq 100 --save_epoch_freq 5 --n_epochs 15 --n_epochs_decay 5 --display_id 0
 "$PY" test.py --dataroot "$DATA" --name "$NAME" --model pix2pix --dataset_mode robust_nifti \
   --preprocess none --input_nc 1 --output_nc 1 --axial_slice --epoch latest
-"$PY" use_model.py --input_nifti "$DATA/testA/patient_9.nii.gz" --model_name "$NAME" --epoch latest --output_dir ./results
+"$PY" use_model.py --input_nifti "$DATA/testA/patient_1.nii.gz" --model_name "$NAME" --epoch latest --output_dir ./results
 cat <<DONE
 
 Demo finished. Outputs:
   checkpoints/$NAME/            latest_net_G.pth, latest_net_D.pth, <epoch>_net_*.pth, train_opt.txt/.json, web/index.html
   logs/train_log_*.txt          options, data summary, losses, epoch times
   results/$NAME/test_latest/    index.html (slices side by side), metrics.csv, metrics.json, volumes/
-  results/patient_9_phase0.nii.gz   one volume made by use_model.py, on the input's grid
+  results/patient_1_phase0.nii.gz   one volume made by use_model.py, on the input's grid
 DONE

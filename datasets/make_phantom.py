@@ -515,8 +515,9 @@ def write_dataset(
 ) -> list[PhantomPair]:
     """Write num_train + num_test phantom pairs as trainA/trainB/testA/testB/patient_<i>.nii.gz.
 
-    Patients are numbered from 1, test ones after the train ones. Patient i depends only on
-    (seed, i), so patient_9 is the same whether it is a train or a test patient.
+    Each split numbers its patients from 1, as the reference's layout does (testA/patient_1
+    is a different patient from trainA/patient_1). Patient k of the whole set (train ones
+    first) depends only on (seed, k).
 
     Raises:
         FileExistsError: output_dir is not empty and overwrite is False. With overwrite,
@@ -530,12 +531,12 @@ def write_dataset(
     pairs = []
     for number, patient_seed in enumerate(patient_seeds, start=1):
         split = "train" if number <= num_train else "test"
-        name = f"patient_{number}.nii.gz"
+        name = f"patient_{number if split == 'train' else number - num_train}.nii.gz"
         average, phase0 = make_patient(np.random.default_rng(patient_seed), shape, spacing_mm, num_phases)
         path_a = write_volume(output_dir / f"{split}A" / name, average, meta, dtype="int16")
         path_b = write_volume(output_dir / f"{split}B" / name, phase0, meta, dtype="int16")
         diff_hu = float(np.abs(average - phase0)[body_mask(phase0)].mean())
-        logger.info("patient_%d (%s): mean |A - B| inside the body %.1f HU", number, split, diff_hu)
+        logger.info("%s/%s: mean |A - B| inside the body %.1f HU", split, name, diff_hu)
         pairs.append(PhantomPair(path_a, path_b, diff_hu))
     return pairs
 
@@ -577,7 +578,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", type=Path, default=Path("datasets/ct_phases_dataset"))
     parser.add_argument("--num_train", type=_int_at_least(1), default=8, help="train pairs (patient_1 ..)")
     parser.add_argument(
-        "--num_test", type=_int_at_least(0), default=2, help="test pairs, numbered after the train ones"
+        "--num_test", type=_int_at_least(0), default=2, help="test pairs (patient_1 .. in testA/testB)"
     )
     parser.add_argument(
         "--size",

@@ -131,7 +131,7 @@ def test_script_writes_matching_pairs_on_the_requested_grid(tmp_path):
 
     names = {split: sorted(p.name for p in (output_dir / split).iterdir()) for split in SPLIT_DIRS}
     assert names["trainA"] == names["trainB"] == ["patient_1.nii.gz", "patient_2.nii.gz"]
-    assert names["testA"] == names["testB"] == ["patient_3.nii.gz"]
+    assert names["testA"] == names["testB"] == ["patient_1.nii.gz"]  # each split numbers from 1, as the reference does
 
     average, meta = read_volume(output_dir / "trainA" / "patient_1.nii.gz")
     phase0, _ = read_volume(output_dir / "trainB" / "patient_1.nii.gz")
@@ -141,6 +141,8 @@ def test_script_writes_matching_pairs_on_the_requested_grid(tmp_path):
     assert meta.affine[0, 0] < 0 and meta.affine[1, 1] < 0  # stored L/P-flipped, like DICOM
     assert (phase0 > 200).any() and (phase0 < -500).any()
     assert not np.array_equal(phase0, other)
+    test_phase0, _ = read_volume(output_dir / "testB" / "patient_1.nii.gz")
+    assert not np.array_equal(test_phase0, phase0), "testB/patient_1 must be another patient than trainB/patient_1"
 
 
 @pytest.mark.slow
@@ -152,7 +154,7 @@ def test_script_refuses_a_non_empty_output_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-def test_overwrite_replaces_stale_patients_and_patients_keep_their_number(tmp_path):
+def test_overwrite_replaces_stale_patients_and_a_patient_depends_on_its_place_in_the_set(tmp_path):
     grid = {"shape": (32, 32, 8), "spacing_mm": (11.0, 11.0, 24.0), "num_phases": 4, "seed": 3}
     write_dataset(tmp_path, num_train=3, num_test=0, **grid)
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -161,6 +163,7 @@ def test_overwrite_replaces_stale_patients_and_patients_keep_their_number(tmp_pa
 
     write_dataset(tmp_path, num_train=1, num_test=1, overwrite=True, **grid)
     assert sorted(p.name for p in (tmp_path / "trainA").iterdir()) == ["patient_1.nii.gz"]
-    assert sorted(p.name for p in (tmp_path / "testB").iterdir()) == ["patient_2.nii.gz"]
-    test_patient_2, _ = read_volume(tmp_path / "testB" / "patient_2.nii.gz")
-    np.testing.assert_array_equal(test_patient_2, first_patient_2)
+    assert sorted(p.name for p in (tmp_path / "testB").iterdir()) == ["patient_1.nii.gz"]
+    # The second patient of the set, now the first test patient, is the same anatomy.
+    test_patient_1, _ = read_volume(tmp_path / "testB" / "patient_1.nii.gz")
+    np.testing.assert_array_equal(test_patient_1, first_patient_2)

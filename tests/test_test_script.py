@@ -24,7 +24,7 @@ STEP7_FLAGS = """
     --dataset_mode robust_nifti --preprocess none --input_nc 1 --output_nc 1 --axial_slice --resize_to 512
     --epoch latest
 """.split()
-TEST_PATIENTS = ("patient_4", "patient_5")  # the phantom's testA/ (3 train patients come first)
+TEST_PATIENTS = ("patient_1", "patient_2")  # the phantom's testA/ (numbered from 1 in each split)
 METRIC_COLUMNS = ("mae_hu", "psnr_db", "ssim", "baseline_mae_hu", "baseline_psnr_db", "baseline_ssim")
 
 
@@ -120,22 +120,22 @@ def test_num_test_limits_patients(tmp_path, phantom_root, tiny_run):
     result = run_test_py(tmp_path, phantom_root, tiny_run, "--num_test", "1")
     assert result.returncode == 0, result.stderr
     folder = page_folder(tmp_path)
-    assert [row["patient"] for row in read_rows(folder)] == ["patient_4"]
-    assert sorted(p.name for p in (folder / "volumes").iterdir()) == ["patient_4_phase0.nii.gz"]
+    assert [row["patient"] for row in read_rows(folder)] == ["patient_1"]
+    assert sorted(p.name for p in (folder / "volumes").iterdir()) == ["patient_1_phase0.nii.gz"]
     assert len(parse_page(folder / "index.html").images) == 5 * 3  # default --num_images 5
 
 
 @pytest.fixture
 def broken_root(tmp_path, phantom_root) -> Path:
-    """testA: patient_4 (paired), patient_5 (no target), patient_6 (not NIfTI inside),
+    """testA: patient_1 (paired), patient_2 (no target), patient_6 (not NIfTI inside),
     patient_7 (target on another grid)."""
     root = tmp_path / "broken"
     shutil.copytree(phantom_root / "testA", root / "testA")
     shutil.copytree(phantom_root / "testB", root / "testB")
-    (root / "testB" / "patient_5.nii.gz").unlink()
+    (root / "testB" / "patient_2.nii.gz").unlink()
     (root / "testA" / "patient_6.nii.gz").write_bytes(b"not a NIfTI file")
-    shutil.copy(root / "testA" / "patient_4.nii.gz", root / "testA" / "patient_7.nii.gz")
-    volume, _ = read_volume(root / "testB" / "patient_4.nii.gz")
+    shutil.copy(root / "testA" / "patient_1.nii.gz", root / "testA" / "patient_7.nii.gz")
+    volume, _ = read_volume(root / "testB" / "patient_1.nii.gz")
     cropped = volume[:, :, :-2]
     write_volume(root / "testB" / "patient_7.nii.gz", cropped, new_volume_meta(np.eye(4), cropped.shape))
     return root
@@ -152,19 +152,19 @@ def test_skip_corrupted_skips_broken_pairs_and_notes_missing_targets(tmp_path, b
     result = run_test_py(tmp_path, broken_root, tiny_run, "--skip_corrupted", "--num_images", "1")
     assert result.returncode == 0, result.stderr
     folder = page_folder(tmp_path)
-    assert [row["patient"] for row in read_rows(folder)] == ["patient_4"]
+    assert [row["patient"] for row in read_rows(folder)] == ["patient_1"]
     assert sorted(p.name for p in (folder / "volumes").iterdir()) == [
-        "patient_4_phase0.nii.gz",
-        "patient_5_phase0.nii.gz",
+        "patient_1_phase0.nii.gz",
+        "patient_2_phase0.nii.gz",
     ]
     document = json.loads((folder / "metrics.json").read_text())
-    assert document["without_target"] == ["patient_5"]
+    assert document["without_target"] == ["patient_2"]
     assert [Path(s["path"]).name for s in document["skipped"]] == ["patient_6.nii.gz", "patient_7.nii.gz"]
     assert "differs" in document["skipped"][1]["reason"]
     page = parse_page(folder / "index.html")
     text = " ".join(page.text)
-    assert "generated but not scored: patient_5" in text and "Skipped" in text
-    assert "patient_5 slice 6: generated" in text and "patient_5 slice 6: target" not in text
+    assert "generated but not scored: patient_2" in text and "Skipped" in text
+    assert "patient_2 slice 6: generated" in text and "patient_2 slice 6: target" not in text
     assert all((folder / src).is_file() for src in page.images)
 
 
