@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.base_model import read_train_state
 from models.networks import LR_POLICIES
 from options.base_options import BaseOptions, OptionsError, load_saved_options
 
@@ -62,9 +63,9 @@ class TrainOptions(BaseOptions):
                 for key, value in saved.items()
                 if key in known_flags and key not in NOT_RESUMED
             })
-        state = _read_epoch_done(run_folder, known.epoch)
+        state = read_train_state(run_folder, known.epoch)
         if state is not None:
-            parser.set_defaults(epoch_count=state + 1)
+            parser.set_defaults(epoch_count=int(state["epoch"]) + 1)
 
     def validate(self, opt: argparse.Namespace, argv: list[str]) -> None:
         super().validate(opt, argv)
@@ -87,10 +88,3 @@ class TrainOptions(BaseOptions):
             if not (run_folder / f"{label}_net_G.pth").is_file():
                 raise OptionsError(f"--continue_train: {run_folder / f'{label}_net_G.pth'} not found; nothing to resume")
 
-
-def _read_epoch_done(run_folder: Path, label: str) -> int | None:
-    """The last finished epoch recorded with checkpoint ``label``, if any."""
-    from models.base_model import read_train_state  # local: only needed on resume
-
-    state = read_train_state(run_folder, label)
-    return None if state is None else int(state["epoch"])
