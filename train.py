@@ -5,7 +5,8 @@
 
 Checkpoints go to ``<checkpoints_dir>/<name>/``, the log to ``<log_dir>/train_log_<time>.txt``,
 training images to ``<checkpoints_dir>/<name>/web/index.html``. Under ``torchrun
---nproc_per_node=N`` each process trains on its share of the slices.
+--nproc_per_node=N`` each process trains on its share of the slices. SIGINT (Ctrl-C) or
+SIGTERM saves ``latest`` at the current step and stops; ``--continue_train`` resumes there.
 """
 
 from __future__ import annotations
@@ -17,26 +18,45 @@ import time
 from pathlib import Path
 
 from data.base_dataset import DatasetError
-from models.base_model import CheckpointError
+from models.base_model import NonFiniteError
 from options.train_options import TrainOptions
 from training.loop import train
+from training.signals import StopRequests
 from util.cli import run_reporting_errors
+from util.run_folder import CheckpointError, RunLock, clear_run
 from util.runtime import setup_logging, setup_runtime, shutdown
 
 logger = logging.getLogger("train")
 
 
+def new_log_file(log_dir: Path, name: str) -> Path:
+    """``train_log_YYYYMMDD_HHMMSS.txt`` as the reference names it; another run's log of the
+    same second is never appended to (the run name is added then)."""
+    path = log_dir / f"train_log_{time.strftime('%Y%m%d_%H%M%S')}.txt"
+    return path.with_name(f"{path.stem}_{name}.txt") if path.exists() else path
+
+
 def main(opt: argparse.Namespace, options: TrainOptions) -> None:
+    stop = StopRequests().install()
     runtime = setup_runtime(opt)
-    log_file = Path(opt.log_dir) / f"train_log_{time.strftime('%Y%m%d_%H%M%S')}.txt" if runtime.is_main else None
-    setup_logging(log_file, verbose=opt.verbose, quiet=not runtime.is_main)
-    logger.info(options.format_options(opt))
-    if runtime.is_main:
-        options.save(opt, Path(opt.checkpoints_dir) / opt.name, "train")
-        logger.info("log file: %s", log_file)
+    run_folder = Path(opt.checkpoints_dir) / opt.name
+    lock = RunLock(run_folder)
     try:
-        train(opt, runtime)
+        if runtime.is_main:
+            lock.acquire()  # one live run per folder; released however this process ends
+            if opt.overwrite:
+                removed = clear_run(run_folder)
+                if removed:
+                    print(f"--overwrite: removed {len(removed)} file(s) of the previous run in {run_folder}")
+        log_file = new_log_file(Path(opt.log_dir), opt.name) if runtime.is_main else None
+        setup_logging(log_file, verbose=opt.verbose, quiet=not runtime.is_main)
+        logger.info(options.format_options(opt))
+        if runtime.is_main:
+            options.save(opt, run_folder, "train")
+            logger.info("log file: %s", log_file)
+        train(opt, runtime, stop)
     finally:
+        lock.release()
         shutdown(runtime)
 
 
@@ -45,7 +65,7 @@ if __name__ == "__main__":
     opt = options.parse()
     sys.exit(
         run_reporting_errors(
-            "train.py", lambda: main(opt, options), (DatasetError, CheckpointError),
-            interrupted="interrupted; 'latest' checkpoint saved, resume with --continue_train",
+            "train.py", lambda: main(opt, options), (DatasetError, CheckpointError, NonFiniteError),
+            interrupted="interrupted; nothing was saved",
         )
     )

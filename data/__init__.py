@@ -38,6 +38,7 @@ def create_dataloader(
     *,
     pin_memory: bool | None = None,
     persistent_workers: bool | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``dataset`` with the loader flags of ``opt``.
 
@@ -50,6 +51,9 @@ def create_dataloader(
             training on a GPU.
         persistent_workers: keep worker processes between epochs; default: when there are
             workers (benchmarks/data_throughput.py measures both).
+        generator: draws the loader's base seed (worker seeds) instead of the global
+            generator, so that starting an epoch consumes nothing of the global state
+            (resumed training repeats dropout exactly).
     """
     workers = int(opt.num_threads)
     if pin_memory is None:
@@ -66,4 +70,5 @@ def create_dataloader(
         persistent_workers=persistent_workers and workers > 0,
         collate_fn=getattr(dataset, "collate_fn", None),
         drop_last=False,
+        generator=generator,
     )

@@ -249,7 +249,10 @@ class RobustNiftiDataset(BaseDataset):
             "B_paths": [...], "slice_index": (B,) int64, "patient": [B names]}``; images
             float16 in [-1, 1].
         """
-        located = [self._locate(index) for index in indices]
+        # An item is a sample index, or ``(index, flip)`` from data.sampling.EpochSampler,
+        # which decides flips so that a resumed run repeats them exactly.
+        items = [item if isinstance(item, tuple) else (item, None) for item in indices]
+        located = [self._locate(index) for index, _ in items]
         size = located[0][0].slice_shape
         a = torch.empty((len(indices), 1 + 2 * self.context_slices, *size), dtype=torch.float16)
         b = torch.empty((len(indices), 1, *size), dtype=torch.float16)
@@ -258,7 +261,8 @@ class RobustNiftiDataset(BaseDataset):
             a.share_memory_(), b.share_memory_()
         a_pixels, b_pixels = a.numpy(), b.numpy()
         for i, (entry_a, entry_b, k) in enumerate(located):
-            flip = self.flip and random.random() < 0.5
+            chosen = items[i][1]
+            flip = self.flip and (random.random() < 0.5 if chosen is None else bool(chosen))
             # (1+2K, S, S): the slice and its K neighbours on each side
             self._reader.read_into(
                 a_pixels[i], entry_a, context_indices(k, entry_a.n_slices, self.context_slices), flip

@@ -30,18 +30,21 @@ from data.intensity import HUWindow, network_to_pixels, pixels_to_network, windo
 from data.slice_cache import SliceSettings
 from data.slicing import context_indices, resize_slices, slice_for_display, slices_to_volume, volume_to_slices
 from data.volume_io import VolumeError, read_volume, strip_nifti_suffix, write_volume
-from models.base_model import CheckpointError, load_state_dict_file
+from models.base_model import load_state_dict_file
 from models.networks import define_G
-from options.base_options import OPTIONS_JSON, OptionsError, load_saved_options
 from util.image import save_png
+from util.run_folder import (
+    GENERATOR_OPTIONS,
+    OPTIONS_JSON,
+    CheckpointError,
+    check_run_name,
+    list_labels,
+    load_options,
+    network_file,
+)
 
 logger = logging.getLogger(__name__)
 
-# Keys of train_opt.json that rebuilding the generator and its slicing needs.
-_REQUIRED_OPTIONS = (
-    "input_nc", "output_nc", "ngf", "netG", "norm", "no_dropout", "residual", "init_type", "init_gain",
-    "axial_slice", "slice_axis", "resize_to", "intensity", "hu_min", "hu_max", "context_slices",
-)
 
 
 @dataclass
@@ -108,6 +111,9 @@ class PhaseGenerator:
             inputs = torch.from_numpy(pixels_to_network(resize_slices(pixels, size).numpy()))  # (U, S, S)
             batch = inputs[torch.from_numpy(position.reshape(indices.shape))]  # (B, 1+2K, S, S)
             fake = self.net(batch.to(self.device)).float().cpu()[:, 0]  # (B, S, S) in [-1, 1]
+            if not bool(torch.isfinite(fake).all()):
+                raise ValueError(f"the network's output holds NaN/Inf (slices {start}..{stop - 1}): "
+                                 f"the model {self.weights or ''} is broken; use another checkpoint")
             fake_pixels = network_to_pixels(resize_slices(fake, (height, width)).numpy())
             output[start:stop] = window.inverse(fake_pixels)
         return slices_to_volume(output, self.settings.slice_axis), window
@@ -128,20 +134,21 @@ def load_generator(
         CheckpointError: the run folder, its ``train_opt.json`` or the weights are missing,
             unreadable or do not fit together. The message starts with the file at fault.
     """
+    try:
+        check_run_name(name)
+    except ValueError as err:
+        raise CheckpointError(str(err).replace("--name", "--model_name")) from None
     run_folder = Path(checkpoints_dir) / name
-    weights = run_folder / f"{epoch}_net_G.pth"
+    weights = run_folder / network_file(epoch, "G")
     options_file = run_folder / OPTIONS_JSON
     if not weights.is_file():
-        available = sorted(p.name.removesuffix("_net_G.pth") for p in run_folder.glob("*_net_G.pth"))
+        available = list_labels(run_folder)
         hint = f"this run has: {', '.join(available)}" if available else "check --model_name, --epoch and --checkpoints_dir"
         raise CheckpointError(f"{weights}: checkpoint not found ({hint})")
-    try:
-        saved = load_saved_options(run_folder)
-    except OptionsError as err:
-        raise CheckpointError(str(err)) from err
+    saved = load_options(run_folder)
     if saved is None:
         raise CheckpointError(f"{options_file}: not found; the run folder does not say how the model was trained")
-    missing = [key for key in _REQUIRED_OPTIONS if key not in saved]
+    missing = [key for key in GENERATOR_OPTIONS if key not in saved]
     if missing:
         raise CheckpointError(f"{options_file}: lacks {', '.join(missing)}; was it written by this version's train.py?")
     opt = argparse.Namespace(**saved)

@@ -1,17 +1,16 @@
-"""What every model shares: saving, loading, schedules, and the lists that make logging generic.
+"""What every model shares: checkpoints, schedules, and the lists that make logging generic.
 
 A subclass fills ``loss_names``, ``model_names``, ``visual_names`` and ``optimizers`` and
-implements ``set_input``, ``forward`` and ``optimize_parameters``. Networks are saved as
-plain state dicts of CPU tensors, ``<label>_net_<name>.pth``, exactly as upstream names them;
-beside them ``<label>_train_state.pth`` holds optimiser and schedule state for resuming and
-``<label>_train_state.json`` the epoch and iteration it was saved at.
+implements ``set_input``, ``forward`` and ``optimize_parameters``. Where and how a
+checkpoint is written is the run folder's business (util/run_folder.py); the model hands it
+its networks' state dicts (never with NaN/Inf in them) and its optimiser and schedule state.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
@@ -21,7 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from models.networks import get_scheduler
-from util.atomic import atomic_path
+from util.run_folder import Checkpoint, CheckpointError, checkpoint_label, open_checkpoint
+
+__all__ = ["BaseModel", "CheckpointError", "NonFiniteError", "load_state_dict_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,25 +30,12 @@ logger = logging.getLogger(__name__)
 _STALE_NORM_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def read_train_state(run_folder: Path, label: str) -> dict | None:
-    """``{"epoch": ..., "total_iters": ...}`` saved with checkpoint ``label``, or None."""
-    path = Path(run_folder) / f"{label}_train_state.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+class NonFiniteError(ValueError):
+    """A loss or a weight that is NaN or Inf: training cannot go on from it, and it is never saved."""
 
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """Save to a temporary name, then rename: an interrupted save never corrupts ``path``."""
-    with atomic_path(path) as temporary:
-        torch.save(obj, temporary)
-
-
-class CheckpointError(FileNotFoundError):
-    """A checkpoint that is missing or does not fit the network."""
+    def __init__(self, message: str, losses: dict[str, float] | None = None):
+        super().__init__(message)
+        self.losses = losses or {}
 
 
 class BaseModel(ABC):
@@ -88,27 +76,33 @@ class BaseModel(ABC):
     def networks(self) -> dict[str, nn.Module]:
         return {name: getattr(self, f"net{name}") for name in self.model_names}
 
-    def setup(self, opt: argparse.Namespace) -> None:
-        """Create schedules; load networks for testing or resuming; sync ranks under torchrun."""
+    def setup(self, opt: argparse.Namespace) -> Checkpoint | None:
+        """Create schedules; load networks for testing or resuming; sync ranks under torchrun.
+
+        Returns:
+            The checkpoint resumed from (its counters say where training continues), or None.
+        """
+        checkpoint = None
         if self.is_train:
-            self.schedulers = [
-                get_scheduler(
-                    optimizer, opt.lr_policy, epoch_count=opt.epoch_count, n_epochs=opt.n_epochs,
-                    n_epochs_decay=opt.n_epochs_decay, lr_decay_iters=opt.lr_decay_iters,
-                )
-                for optimizer in self.optimizers
-            ]
+            self.schedulers = [self._new_scheduler(optimizer, opt.epoch_count) for optimizer in self.optimizers]
         if not self.is_train or opt.continue_train:
-            label = f"iter_{opt.load_iter}" if opt.load_iter > 0 else opt.epoch
-            self.load_networks(label)
+            label = checkpoint_label(opt.epoch, opt.load_iter)
+            checkpoint = open_checkpoint(self.save_dir, label, verify=self.is_train)
+            self.load_networks(checkpoint)
             if self.is_train:
-                self.load_train_state(label)
+                self.load_training_state(checkpoint, opt.epoch_count)
         if dist.is_available() and dist.is_initialized():
             for net in self.networks().values():
                 for tensor in net.state_dict().values():
                     dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
         if opt.verbose:
             self.print_networks()
+        return checkpoint
+
+    def _new_scheduler(self, optimizer: torch.optim.Optimizer, epoch_count: int):
+        opt = self.opt
+        return get_scheduler(optimizer, opt.lr_policy, epoch_count=epoch_count, n_epochs=opt.n_epochs,
+                             n_epochs_decay=opt.n_epochs_decay, lr_decay_iters=opt.lr_decay_iters)
 
     def eval(self) -> None:
         for net in self.networks().values():
@@ -126,6 +120,24 @@ class BaseModel(ABC):
     def get_current_losses(self) -> OrderedDict[str, float]:
         return OrderedDict((name, getattr(self, f"loss_{name}").item()) for name in self.loss_names)
 
+    def check_finite_losses(self, *names: str) -> None:
+        """Raise :class:`NonFiniteError` if a loss of ``names`` (all by default) is NaN or Inf.
+
+        Called before an optimiser steps, so a non-finite loss never reaches the weights.
+        """
+        losses = {name: float(getattr(self, f"loss_{name}").detach()) for name in (names or self.loss_names)
+                  if hasattr(self, f"loss_{name}")}
+        bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every process must skip or stop at the same step, or the next all-reduce waits forever.
+            flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not bad:
+                bad = {"(another process)": math.nan}
+        if bad:
+            text = ", ".join(f"{name} = {value}" for name, value in bad.items())
+            raise NonFiniteError(f"non-finite loss: {text}", losses)
+
     def get_current_visuals(self) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict((name, getattr(self, name)) for name in self.visual_names)
 
@@ -135,7 +147,11 @@ class BaseModel(ABC):
             logger.info("[Network %s] %d parameters (%.3f M)\n%s", name, count, count / 1e6, net)
 
     def update_learning_rate(self) -> float:
-        """Step every schedule once (at the end of an epoch); returns the new learning rate."""
+        """Step every schedule once (at the end of an epoch); returns the new learning rate.
+
+        The plateau policy follows ``self.metric``, which the training loop sets (the
+        validation MAE when there is validation, else the epoch's mean L1 loss).
+        """
         for scheduler in self.schedulers:
             if self.opt.lr_policy == "plateau":
                 scheduler.step(self.metric)
@@ -144,44 +160,81 @@ class BaseModel(ABC):
         return self.optimizers[0].param_groups[0]["lr"]
 
     # -- checkpoints ----------------------------------------------------------------------
-    def save_networks(self, label: str | int) -> None:
-        """Write ``<label>_net_<name>.pth`` (CPU state dicts) for every network."""
-        self.save_dir.mkdir(parents=True, exist_ok=True)
+    def network_states(self) -> dict[str, dict]:
+        """Each network's state dict, checked finite.
+
+        Raises:
+            NonFiniteError: a weight or buffer holds NaN/Inf; nothing may be saved from it.
+        """
+        states = {}
         for name, net in self.networks().items():
-            state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-            atomic_torch_save(state, self.save_dir / f"{label}_net_{name}.pth")
+            state = net.state_dict()
+            for key, tensor in state.items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise NonFiniteError(f"network {name} holds NaN/Inf in {key}; such weights are never saved")
+            states[name] = state
+        return states
 
-    def save_train_state(self, label: str | int, epoch: int, total_iters: int) -> None:
-        """Optimiser and schedule state, plus the epoch and iteration, saved beside the networks."""
-        state = {
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "schedulers": [s.state_dict() for s in self.schedulers],
-        }
-        atomic_torch_save(state, self.save_dir / f"{label}_train_state.pth")
-        counters = self.save_dir / f"{label}_train_state.json"
-        with atomic_path(counters) as temporary:
-            temporary.write_text(json.dumps({"epoch": epoch, "total_iters": total_iters}))
+    def training_state(self, with_optimizers: bool) -> dict:
+        """Schedules and, if asked, optimisers: what resuming needs besides the weights."""
+        state: dict = {"schedulers": [s.state_dict() for s in self.schedulers]}
+        if with_optimizers:
+            state["optimizers"] = [o.state_dict() for o in self.optimizers]
+        return state
 
-    def load_networks(self, label: str | int) -> None:
-        """Load ``<label>_net_<name>.pth`` into every network.
+    def load_networks(self, checkpoint: Checkpoint) -> None:
+        """Load every network from ``checkpoint``'s files.
 
         Raises:
             CheckpointError: a file is missing, unreadable or built for another network.
         """
         for name, net in self.networks().items():
-            path = self.save_dir / f"{label}_net_{name}.pth"
+            path = checkpoint.files.get(f"net_{name}", self.save_dir / f"{checkpoint.label}_net_{name}.pth")
             load_state_dict_file(net, path, self.device)
 
-    def load_train_state(self, label: str | int) -> None:
-        path = self.save_dir / f"{label}_train_state.pth"
-        if not path.is_file():
-            logger.warning("%s not found: optimisers and schedules start afresh", path)
-            return
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
-        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
-            scheduler.load_state_dict(saved)
+    def load_training_state(self, checkpoint: Checkpoint, epoch_count: int) -> dict:
+        """Restore optimisers and schedules from ``checkpoint``; returns the whole saved state.
+
+        Every schedule but plateau (which follows a metric and is loaded) is rebuilt for
+        ``epoch_count``, where the saved counters say training continues unless the flag says otherwise.
+
+        Raises:
+            CheckpointError: the state file is unreadable or does not fit these optimisers.
+        """
+        path = checkpoint.files.get("train_state")
+        state: dict = {}
+        if path is None:
+            logger.warning("checkpoint '%s' has no training state: optimisers and schedules start afresh", checkpoint.label)
+        else:
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+                if not isinstance(state, dict):
+                    raise TypeError(f"holds a {type(state).__name__}, not a dict")
+                optimizers = state.get("optimizers")
+                if optimizers is not None:
+                    for optimizer, saved in zip(self.optimizers, optimizers, strict=True):
+                        optimizer.load_state_dict(saved)
+                else:
+                    logger.warning("%s: no optimiser state kept for this checkpoint; Adam's moments start afresh "
+                                   "(--save_optimizer_every_epoch keeps them)", path)
+                if self.opt.lr_policy == "plateau" and state.get("schedulers"):
+                    for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+                        scheduler.load_state_dict(saved)
+            except Exception as err:
+                raise CheckpointError(
+                    f"{path}: unusable training state ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                    "was it saved by another model or optimiser? Resume from another checkpoint with --epoch"
+                ) from err
+        if self.opt.lr_policy != "plateau":
+            # The schedule is a function of the epoch: rebuild it at epoch_count from the initial
+            # lr, stepping as the uninterrupted run stepped, so the lr equals that run's exactly,
+            # and follows the schedule flags given now if they changed.
+            for i, optimizer in enumerate(self.optimizers):
+                for group in optimizer.param_groups:
+                    group["lr"] = group.get("initial_lr", self.opt.lr)
+                self.schedulers[i] = self._new_scheduler(optimizer, epoch_count)
+        checkpoint.train_state = state
+        return state
 
 
 def load_state_dict_file(net: nn.Module, path: Path, device: torch.device) -> None:
@@ -196,10 +249,16 @@ def load_state_dict_file(net: nn.Module, path: Path, device: torch.device) -> No
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {first})") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if k != "_metadata"}
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: holds NaN/Inf weights ({bad[0]}); the model is broken, use another checkpoint")
     expected = net.state_dict()
     state = {k: v for k, v in state.items() if k in expected or not k.endswith(_STALE_NORM_KEYS)}
     try:

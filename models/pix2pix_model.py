@@ -112,10 +112,12 @@ class Pix2PixModel(BaseModel):
         set_requires_grad([self.netD], True)
         self.optimizer_D.zero_grad(set_to_none=True)
         self.backward_D()
+        self.check_finite_losses("D_fake", "D_real", "D_GP")  # before the step: NaN never reaches the weights
         average_gradients(self.netD)
         self.optimizer_D.step()
         set_requires_grad([self.netD], False)  # D is fixed while G learns
         self.optimizer_G.zero_grad(set_to_none=True)
         self.backward_G()
+        self.check_finite_losses("G_GAN", "G_L1")
         average_gradients(self.netG)
         self.optimizer_G.step()

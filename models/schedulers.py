@@ -1,11 +1,16 @@
 """Learning-rate schedules for ``--lr_policy`` (upstream pix2pix semantics).
 
 The training loop calls ``scheduler.step()`` once per epoch (``step(metric)`` for
-"plateau"), so every period below is counted in epochs.
+"plateau"), so every period below is counted in epochs, and a scheduler's ``last_epoch``
+is the number of epochs complete. A run that starts at ``--epoch_count N`` gets a schedule
+advanced by ``N - 1`` steps, so it sits where epoch N of a new run would; a resumed run
+loads the saved schedule instead (which is already there). Either way the offset is
+counted once.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from torch.optim import Optimizer, lr_scheduler
@@ -23,13 +28,12 @@ def _linear(
 ) -> lr_scheduler.LRScheduler:
     """Initial lr for ``n_epochs`` epochs, then linearly towards 0 over ``n_epochs_decay``.
 
-    ``epoch_count`` is the number of the first epoch (1 for a new run, larger when
-    resuming), so a resumed run continues the same curve. The ``+ 1`` keeps the last
-    epoch's factor above zero.
+    ``done`` epochs complete means epoch ``done + 1`` is running (upstream's formula with
+    ``epoch_count`` 1). The ``+ 1`` keeps the last epoch's factor above zero.
     """
 
-    def factor(epoch: int) -> float:
-        return 1.0 - max(0, epoch + epoch_count - n_epochs) / float(n_epochs_decay + 1)
+    def factor(done: int) -> float:
+        return 1.0 - max(0, done + 1 - n_epochs) / float(n_epochs_decay + 1)
 
     return lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)
 
@@ -95,7 +99,8 @@ def get_scheduler(
     Args:
         optimizer: the optimiser whose learning rate is scheduled.
         lr_policy: "linear" | "step" | "plateau" | "cosine".
-        epoch_count: number of the first epoch of this run (linear).
+        epoch_count: number of the first epoch of this run: the schedule is advanced by
+            ``epoch_count - 1`` epochs (every policy but plateau, which follows a metric).
         n_epochs: epochs at the initial lr (linear); the cosine period (cosine).
         n_epochs_decay: epochs of linear decay to 0 (linear).
         lr_decay_iters: epochs between tenfold drops (step).
@@ -104,10 +109,17 @@ def get_scheduler(
         ValueError: unknown ``lr_policy``.
     """
     build = lookup(LR_POLICIES, lr_policy, "learning-rate policy (--lr_policy)")
-    return build(
+    scheduler = build(
         optimizer,
         epoch_count=epoch_count,
         n_epochs=n_epochs,
         n_epochs_decay=n_epochs_decay,
         lr_decay_iters=lr_decay_iters,
     )
+    if not isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+        with warnings.catch_warnings():
+            # Advancing before any optimiser step is what we mean here, not a misuse.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for _ in range(epoch_count - 1):
+                scheduler.step()
+    return scheduler

@@ -10,10 +10,11 @@ changed afterwards.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
@@ -21,16 +22,18 @@ import models
 from models.generators import GENERATORS, required_divisor
 from models.norms import NORM_HELP, NORM_LAYERS
 from util.registry import unknown_name_error
-
-# Flags that define the network and its inputs. A run folder's train_opt.json supplies
-# them as defaults at test time and on resume; an explicit flag still wins.
-MODEL_DEFINING_OPTIONS = (
-    "model", "netG", "netD", "ngf", "ndf", "n_layers_D", "norm", "no_dropout", "residual", "input_nc", "output_nc",
-    "init_type", "init_gain", "direction", "resize_to", "slice_axis", "axial_slice", "context_slices",
-    "intensity", "hu_min", "hu_max", "gan_mode",
+from util.run_folder import (
+    MODEL_DEFINING_OPTIONS,
+    OPTIONS_JSON,
+    CheckpointError,
+    check_run_name,
+    load_options,
+    save_options,
 )
-OPTIONS_JSON = "train_opt.json"
 
+__all__ = ["MODEL_DEFINING_OPTIONS", "OPTIONS_JSON", "BaseOptions", "OptionsError", "load_saved_options"]
+# The largest magnitude a float option may take: values go through float32 tensors.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 class OptionsError(ValueError):
     """A flag value, or a combination of values, that cannot work."""
@@ -160,6 +163,13 @@ class BaseOptions:
 
     def validate(self, opt: argparse.Namespace, argv: list[str]) -> None:
         """Refuse values that cannot work, before any data is read."""
+        try:
+            check_run_name(opt.name)
+        except ValueError as err:
+            raise OptionsError(str(err)) from None
+        for key, value in sorted(vars(opt).items()):
+            if isinstance(value, float) and key != "max_dataset_size" and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                raise OptionsError(f"--{key} {value}: must be a finite number within float32's range (|x| <= {FLOAT32_MAX:.3g})")
         if hasattr(opt, "resize_to"):
             divisor = required_divisor(opt.netG)
             if opt.resize_to < divisor or opt.resize_to % divisor:
@@ -179,6 +189,8 @@ class BaseOptions:
             raise OptionsError(f"--residual adds the input slice to the output: --output_nc must be 1 or --input_nc, got {opt.output_nc}")
         if hasattr(opt, "hu_min") and opt.hu_max <= opt.hu_min:
             raise OptionsError(f"--hu_max {opt.hu_max} must be above --hu_min {opt.hu_min}")
+        if hasattr(opt, "hu_min") and not math.isfinite(float(np.float32(opt.hu_max) - np.float32(opt.hu_min))):
+            raise OptionsError(f"--hu_min {opt.hu_min} --hu_max {opt.hu_max}: the window's width overflows float32")
         for flag in ("batch_size", "input_nc", "output_nc", "ngf", "ndf"):
             if getattr(opt, flag) < 1:
                 raise OptionsError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
@@ -207,19 +219,19 @@ class BaseOptions:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{phase}_opt.txt").write_text(self.format_options(opt) + "\n")
         if phase == "train":
-            values = {k: (None if v == float("inf") else v) for k, v in vars(opt).items()}
-            (folder / OPTIONS_JSON).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+            save_options(folder, vars(opt))
 
 
 def load_saved_options(run_folder: Path) -> dict | None:
-    """The options a run was trained with (``train_opt.json``), or None if there are none."""
-    path = Path(run_folder) / OPTIONS_JSON
-    if not path.is_file():
-        return None
+    """The options a run was trained with (``train_opt.json``), or None if there are none.
+
+    Raises:
+        OptionsError: the file is unreadable or of a newer format.
+    """
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise OptionsError(f"{path}: unreadable ({err}); delete it or pass every model flag explicitly") from err
+        return load_options(run_folder)
+    except CheckpointError as err:
+        raise OptionsError(str(err)) from err
 
 
 def saved_model_defaults(parser: argparse.ArgumentParser, saved: dict) -> dict:

@@ -21,6 +21,9 @@ class TestOptions(BaseOptions):
         g.add_argument("--num_test", type=int, default=50, help="how many patients (volumes) to test")
         g.add_argument("--num_images", type=int, default=5, help="slices per patient shown on the HTML page (metrics use all)")
         g.add_argument("--output_dtype", default="int16", choices=("int16", "float32"), help="data type of the written volumes")
+        g.add_argument("--lpips", action="store_true",
+                       help="also score LPIPS (slow on a CPU); needs torchvision's AlexNet weights in "
+                            "<torch hub dir>/checkpoints/alexnet-owt-7be5be79.pth, and is skipped with one line without them")
         # Test-time behaviour that is fixed, not chosen: no flips, slices in order.
         parser.set_defaults(no_flip=True, serial_batches=True)
         return parser

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from models.base_model import read_train_state
 from models.networks import LR_POLICIES
 from options.base_options import BaseOptions, OptionsError, load_saved_options
+from util.run_folder import CheckpointError, RunLock, checkpoint_label, holds_checkpoints, open_checkpoint
 
 # Flags a resumed run never takes from the saved run: they say where and what to resume,
 # and the device is a property of the machine that resumes.
-NOT_RESUMED = ("continue_train", "epoch_count", "epoch", "load_iter", "name", "checkpoints_dir", "gpu_ids", "suffix")
+NOT_RESUMED = ("continue_train", "epoch_count", "epoch", "load_iter", "name", "checkpoints_dir", "gpu_ids", "suffix",
+               "overwrite")
 
 
 class TrainOptions(BaseOptions):
@@ -39,6 +41,20 @@ class TrainOptions(BaseOptions):
         g.add_argument("--epoch_count", type=int, default=1,
                        help="number of the first epoch; on resume, defaults to the epoch after the saved one")
         g.add_argument("--phase", default="train", help="data subfolders <phase>A/ and <phase>B/")
+        g.add_argument("--save_optimizer_every_epoch", action="store_true",
+                       help="keep the optimiser state with every <epoch> checkpoint, not only with latest and best "
+                       "(it is twice the generator's size)")
+        g.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a run folder that already holds checkpoints, deleting them")
+
+        g = parser.add_argument_group("validation and safety")
+        g.add_argument("--val_freq", type=int, default=-1,
+                       help="score the generator on held-out patients (valA/+valB/, else testA/+testB/) every N "
+                       "epochs and keep the best as 'best'; -1: every epoch when such a split exists; 0: never")
+        g.add_argument("--num_val", type=int, default=5, help="held-out patients scored at each validation")
+        g.add_argument("--lpips", action="store_true", help="add LPIPS to validation (needs torchvision's AlexNet weights)")
+        g.add_argument("--skip_nonfinite", type=int, default=0,
+                       help="skip up to N batches whose loss is NaN/Inf (default 0: the first one stops the run)")
 
         g = parser.add_argument_group("optimisation")
         g.add_argument("--n_epochs", type=int, default=100, help="epochs at the initial learning rate")
@@ -63,9 +79,13 @@ class TrainOptions(BaseOptions):
                 for key, value in saved.items()
                 if key in known_flags and key not in NOT_RESUMED
             })
-        state = read_train_state(run_folder, known.epoch)
-        if state is not None:
-            parser.set_defaults(epoch_count=int(state["epoch"]) + 1)
+        label = checkpoint_label(known.epoch, known.load_iter)
+        try:
+            checkpoint = open_checkpoint(run_folder, label, verify=False)
+        except CheckpointError:
+            return  # validate() says what is missing
+        if "next_epoch" in checkpoint.counters:
+            parser.set_defaults(epoch_count=int(checkpoint.counters["next_epoch"]))
 
     def validate(self, opt: argparse.Namespace, argv: list[str]) -> None:
         super().validate(opt, argv)
@@ -79,12 +99,26 @@ class TrainOptions(BaseOptions):
             raise OptionsError(f"--epoch_count must be at least 1, got {opt.epoch_count}")
         if opt.lr <= 0:
             raise OptionsError(f"--lr must be positive, got {opt.lr}")
-        for flag in ("print_freq", "display_freq", "update_html_freq", "save_latest_freq", "save_epoch_freq"):
+        for flag in ("print_freq", "display_freq", "update_html_freq", "save_latest_freq", "save_epoch_freq", "num_val"):
             if getattr(opt, flag) < 1:
                 raise OptionsError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
+        if opt.val_freq < -1 or opt.skip_nonfinite < 0:
+            raise OptionsError("--val_freq must be -1 (auto), 0 (off) or a number of epochs; --skip_nonfinite 0 or more")
+        run_folder = Path(opt.checkpoints_dir) / opt.name
         if opt.continue_train:
-            run_folder = Path(opt.checkpoints_dir) / opt.name
-            label = f"iter_{opt.load_iter}" if opt.load_iter > 0 else opt.epoch
+            label = checkpoint_label(opt.epoch, opt.load_iter)
             if not (run_folder / f"{label}_net_G.pth").is_file():
                 raise OptionsError(f"--continue_train: {run_folder / f'{label}_net_G.pth'} not found; nothing to resume")
+            if opt.overwrite:
+                raise OptionsError("--continue_train and --overwrite contradict each other: resume, or start afresh")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 holds the lock for all
+            try:
+                RunLock(run_folder).check_free()
+            except CheckpointError as err:
+                raise OptionsError(str(err)) from None
+        if not opt.continue_train and not opt.overwrite and holds_checkpoints(run_folder):
+            raise OptionsError(
+                f"{run_folder}: already holds checkpoints of a run; resume it with --continue_train, "
+                "start afresh with --overwrite (deletes them), or choose another --name"
+            )
 

@@ -1,19 +1,38 @@
-"""The pix2pix epoch loop: data, model, schedule, logging and checkpoints."""
+"""The pix2pix epoch loop: data, model, schedule, validation, logging and checkpoints.
+
+Every checkpoint says where training continues (``next_epoch``, ``next_step``,
+``total_iters``) and holds the random generators' states; the order of samples and their
+flips is a function of (seed, epoch) alone (data/sampling.py). So a run resumed from any
+checkpoint, including one saved in the middle of an epoch on a signal, takes the same
+steps with the same data and the same dropout as a run that was never stopped.
+
+A run never goes on silently from a broken state: a NaN/Inf loss stops it before the
+optimiser steps (or, with ``--skip_nonfinite N``, skips up to N such batches), weights with
+NaN/Inf are never saved, and a checkpoint that cannot be written stops it with one line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import time
 from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
 
-import torch.utils.data
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data import create_dataloader, create_dataset
+from data.sampling import EpochSampler
 from models import create_model
-from models.base_model import read_train_state
-from util.runtime import Runtime, barrier
+from models.base_model import BaseModel, NonFiniteError
+from training.signals import Interrupted, StopRequests
+from training.validation import Validator
+from util.run_folder import BEST, LATEST, save_checkpoint
+from util.runtime import Runtime, barrier, gather_rng, restore_rng
 from util.visualizer import Visualizer
 
 logger = logging.getLogger(__name__)
@@ -24,12 +43,46 @@ def crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
 
 
-def train(opt: argparse.Namespace, runtime: Runtime) -> dict[int, dict[str, float]]:
-    """Train ``opt.model`` from ``opt.epoch_count`` to ``n_epochs + n_epochs_decay``.
+@dataclass
+class Progress:
+    """Where training is: what a checkpoint's counters record."""
+
+    epoch: int  # the epoch running (or about to run)
+    step: int = 0  # steps of ``epoch`` done
+    total_iters: int = 0  # samples seen, summed over processes (upstream's total_iters)
+    best_val_mae_hu: float = math.inf
+    nonfinite_skipped: int = 0
+    history: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def counters(self, epoch_complete: bool) -> dict:
+        done = self.epoch if epoch_complete else self.epoch - 1
+        return {
+            "epoch": done,
+            "next_epoch": done + 1,
+            "next_step": 0 if epoch_complete else self.step,
+            "total_iters": self.total_iters,
+            "best_val_mae_hu": None if math.isinf(self.best_val_mae_hu) else self.best_val_mae_hu,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+
+def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None = None) -> dict[int, dict[str, float]]:
+    """Train ``opt.model`` from ``opt.epoch_count`` (and, on resume, the saved step) to the last epoch.
+
+    Args:
+        opt: the training options.
+        runtime: device and process group (util/runtime.py).
+        stop: signal requests; the loop arms it once the data is ready.
 
     Returns:
         Each epoch's mean losses, ``{epoch: {"G_GAN": ..., "G_L1": ..., ...}}``.
+
+    Raises:
+        Interrupted: stopped on a signal (``saved`` says whether ``latest`` holds this step).
+        NonFiniteError: a loss became NaN/Inf (more than ``--skip_nonfinite`` times).
+        CheckpointError: a checkpoint could not be read or written.
     """
+    stop = stop or StopRequests()
     # Under torchrun, rank 0 fills the slice cache first; the others then read it.
     if not runtime.is_main:
         barrier(runtime)
@@ -39,81 +92,141 @@ def train(opt: argparse.Namespace, runtime: Runtime) -> dict[int, dict[str, floa
     for line in dataset.summary_lines():
         logger.info(line)
 
-    sampler = None
-    if runtime.distributed:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=not opt.serial_batches, seed=opt.seed)
-    loader = create_dataloader(dataset, opt, sampler)
+    sampler = EpochSampler(len(dataset), opt.seed, shuffle=not opt.serial_batches, flip=not opt.no_flip,
+                           rank=runtime.rank, world_size=runtime.world_size)
+    loader_seed = torch.Generator()
+    loader = create_dataloader(dataset, opt, sampler, generator=loader_seed)
 
     model = create_model(opt, runtime.device)
-    model.setup(opt)
+    checkpoint = model.setup(opt)
     model.train()
     visualizer = Visualizer(opt) if runtime.is_main else None
+    validator = Validator.from_options(opt, runtime) if runtime.is_main else None
 
-    state = read_train_state(model.save_dir, opt.epoch) if opt.continue_train else None
-    total_iters = int(state["total_iters"]) if state else 0
+    progress = Progress(epoch=opt.epoch_count)
+    if checkpoint is not None:
+        counters = checkpoint.counters
+        progress.total_iters = int(counters.get("total_iters", 0))
+        progress.best_val_mae_hu = counters.get("best_val_mae_hu") or math.inf
+        progress.nonfinite_skipped = int(counters.get("nonfinite_skipped", 0))
+        if counters.get("next_epoch") == opt.epoch_count:
+            progress.step = int(counters.get("next_step", 0))
+        _restore_rng(checkpoint.train_state.get("rng"), runtime)
+
     last_epoch = opt.n_epochs + opt.n_epochs_decay
     samples_per_step = opt.batch_size * runtime.world_size
-    history: dict[int, dict[str, float]] = {}
-    logger.info("training epochs %d..%d on %s, %d slices per epoch", opt.epoch_count, last_epoch, runtime.device, len(dataset))
+    logger.info("training epochs %d..%d on %s, %d slices per epoch%s", opt.epoch_count, last_epoch, runtime.device,
+                len(dataset), f" (resuming at step {progress.step + 1})" if progress.step else "")
 
-    epoch = opt.epoch_count
-    try:
-        for epoch in range(opt.epoch_count, last_epoch + 1):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            history[epoch] = run_epoch(opt, model, loader, visualizer, epoch, total_iters, samples_per_step, runtime)
-            total_iters += len(loader) * samples_per_step
-            lr = model.update_learning_rate()
-            if runtime.is_main:
-                model.save_networks("latest")
-                model.save_train_state("latest", epoch, total_iters)
-                if epoch % opt.save_epoch_freq == 0:
-                    logger.info("saving the model at the end of epoch %d, iters %d", epoch, total_iters)
-                    model.save_networks(epoch)
-                    model.save_train_state(epoch, epoch, total_iters)
-            means = " ".join(f"{k}: {v:.4f}" for k, v in history[epoch].items())
-            logger.info("end of epoch %d / %d, mean losses %s, learning rate %.7f", epoch, last_epoch, means, lr)
-    except KeyboardInterrupt:
+    def save(label: str, epoch_complete: bool, with_optimizers: bool) -> None:
+        rng = gather_rng(runtime)  # collective: every rank takes part
         if runtime.is_main:
-            # Keep the weights as they are now; resuming repeats the unfinished epoch.
-            model.save_networks("latest")
-            model.save_train_state("latest", epoch - 1, total_iters)
-        raise
-    return history
+            train_state = {**model.training_state(with_optimizers), "rng": rng}
+            save_checkpoint(model.save_dir, label, model.network_states(), train_state,
+                            progress.counters(epoch_complete))
+
+    stop.arm()
+    for epoch in range(opt.epoch_count, last_epoch + 1):
+        if epoch != progress.epoch:
+            progress.epoch, progress.step = epoch, 0
+        sampler.set_epoch(epoch)
+        sampler.start_at(progress.step * opt.batch_size)
+        loader_seed.manual_seed(opt.seed * 1_000_003 + epoch)
+        progress.history[epoch] = run_epoch(opt, model, loader, visualizer, progress, samples_per_step, runtime, stop,
+                                            save)
+        if stop.requested:
+            save(LATEST, epoch_complete=False, with_optimizers=True)
+            raise Interrupted(
+                f"stopped by {stop.name} at epoch {epoch}, step {progress.step} (iteration {progress.total_iters}); "
+                "'latest' saved; resume with --continue_train", stop.signum, saved=True,
+            )
+
+        improved = False
+        model.metric = progress.history[epoch].get("G_L1", 0.0)
+        if validator is not None and validator.due(epoch):
+            metrics = validator.run(model, epoch)
+            if visualizer is not None:
+                visualizer.plot_validation(epoch, metrics)
+            model.metric = metrics["mae_hu"]
+            improved = metrics["mae_hu"] < progress.best_val_mae_hu
+            if improved:
+                progress.best_val_mae_hu = metrics["mae_hu"]
+        barrier(runtime)
+        if opt.lr_policy == "plateau" and runtime.distributed:
+            model.metric = _broadcast_float(model.metric, runtime)
+        lr = model.update_learning_rate()
+
+        save(LATEST, epoch_complete=True, with_optimizers=True)
+        if epoch % opt.save_epoch_freq == 0:
+            logger.info("saving the model at the end of epoch %d, iters %d", epoch, progress.total_iters)
+            save(str(epoch), epoch_complete=True, with_optimizers=opt.save_optimizer_every_epoch)
+        if _broadcast_flag(improved, runtime):
+            logger.info("best validation MAE so far (%.2f HU): saved as '%s'", progress.best_val_mae_hu, BEST)
+            save(BEST, epoch_complete=True, with_optimizers=True)
+        means = " ".join(f"{k}: {v:.4f}" for k, v in progress.history[epoch].items())
+        logger.info("end of epoch %d / %d, mean losses %s, learning rate %.7f", epoch, last_epoch, means, lr)
+    return progress.history
 
 
-def run_epoch(opt, model, loader, visualizer, epoch, total_iters, samples_per_step, runtime) -> dict[str, float]:
-    """One pass over the data; returns the epoch's mean of each loss."""
+def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, samples_per_step: int,
+              runtime: Runtime, stop: StopRequests, save) -> dict[str, float]:
+    """The rest of epoch ``progress.epoch`` from step ``progress.step``; returns its mean losses.
+
+    Returns early, after a whole step, when a stop was requested.
+    """
+    epoch = progress.epoch
     epoch_start = time.time()
     sums: dict[str, float] = defaultdict(float)
     steps = 0
+    first_step = progress.step
     data_start = time.time()
-    progress = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not runtime.is_main)
-    for step, batch in enumerate(progress):
+    progress_bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not runtime.is_main,
+                        total=first_step + len(loader), initial=first_step)
+    batches = iter(progress_bar)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except RuntimeError:
+            if stop.requested:  # DataLoader workers that the same Ctrl-C ended
+                break
+            raise
         data_time = time.time() - data_start
-        before = total_iters + step * samples_per_step
+        before = progress.total_iters
         after = before + samples_per_step
         compute_start = time.time()
         model.set_input(batch)
-        model.optimize_parameters()
+        try:
+            model.optimize_parameters()
+        except NonFiniteError as err:
+            _skip_or_stop(opt, model, progress, err, after)
+            continue
+        finally:
+            progress.step += 1
+            progress.total_iters = after
         losses = model.get_current_losses()
         for name, value in losses.items():
             sums[name] += value
         steps += 1
-        progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+        progress_bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
 
         if visualizer is not None:
             if crossed(before, after, opt.display_freq):
-                visualizer.display_current_results(model.get_current_visuals(), epoch, crossed(before, after, opt.update_html_freq) or step == 0)
+                visualizer.display_current_results(model.get_current_visuals(), epoch,
+                                                   crossed(before, after, opt.update_html_freq) or steps == 1)
             if crossed(before, after, opt.print_freq):
                 compute_time = (time.time() - compute_start) / opt.batch_size
-                visualizer.print_current_losses(epoch, (step + 1) * samples_per_step, losses, compute_time, data_time)
-                visualizer.plot_current_losses(epoch, (step + 1) / len(loader), losses)
-            if crossed(before, after, opt.save_latest_freq):
-                logger.info("saving the latest model (epoch %d, total_iters %d)", epoch, after)
-                label = f"iter_{after}" if opt.save_by_iter else "latest"
-                model.save_networks(label)
-                model.save_train_state(label, epoch - 1, after)
+                visualizer.print_current_losses(epoch, progress.step * samples_per_step, losses, compute_time, data_time)
+                visualizer.plot_current_losses(epoch, progress.step / max(len(loader) + first_step, 1), losses)
+        if crossed(before, after, opt.save_latest_freq):
+            label = f"iter_{after}" if opt.save_by_iter else LATEST
+            logger.info("saving the latest model (epoch %d, total_iters %d) as '%s'", epoch, after, label)
+            save(label, epoch_complete=False, with_optimizers=True)
+        if _broadcast_flag(stop.requested, runtime):
+            if stop.signum is None:  # another rank was signalled; stop at the same step
+                stop.signum = signal.SIGTERM
+            break
         data_start = time.time()
 
     if visualizer is not None and steps and visualizer.use_html and epoch not in visualizer.saved_epochs:
@@ -121,3 +234,48 @@ def run_epoch(opt, model, loader, visualizer, epoch, total_iters, samples_per_st
         visualizer.display_current_results(model.get_current_visuals(), epoch, True)
     logger.info("epoch %d took %.1f s (%d iterations)", epoch, time.time() - epoch_start, steps)
     return OrderedDict((name, total / max(steps, 1)) for name, total in sums.items())
+
+
+def _skip_or_stop(opt, model: BaseModel, progress: Progress, err: NonFiniteError, iteration: int) -> None:
+    """A NaN/Inf loss: skip the batch while ``--skip_nonfinite`` allows, else stop with one line."""
+    where = f"epoch {progress.epoch}, step {progress.step + 1} (iteration {iteration})"
+    progress.nonfinite_skipped += 1
+    for optimizer in model.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    if progress.nonfinite_skipped <= opt.skip_nonfinite:
+        logger.warning("%s: %s; batch skipped (%d of at most %d)", where, err, progress.nonfinite_skipped,
+                       opt.skip_nonfinite)
+        return
+    allowed = f" after {opt.skip_nonfinite} skipped batch(es)" if opt.skip_nonfinite else ""
+    raise NonFiniteError(
+        f"{where}: {err}{allowed}; this step was not applied and nothing from it was saved. "
+        "Lower --lr or --lambda_L1, or pass --skip_nonfinite N to skip up to N such batches",
+        err.losses,
+    ) from err
+
+
+def _restore_rng(states: list | None, runtime: Runtime) -> None:
+    if not states:
+        logger.warning("the checkpoint holds no random-generator state: shuffles, flips and dropout will differ "
+                       "from an uninterrupted run")
+        return
+    if len(states) != runtime.world_size:
+        logger.warning("the checkpoint was saved by %d process(es), this run has %d: random generators start from "
+                       "the seed, so dropout will differ from an uninterrupted run", len(states), runtime.world_size)
+        return
+    restore_rng(states[runtime.rank])
+
+
+def _broadcast_flag(flag: bool, runtime: Runtime) -> bool:
+    """True on every rank if ``flag`` is true on any (always ``flag`` outside torchrun)."""
+    if not runtime.distributed:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=runtime.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _broadcast_float(value: float, runtime: Runtime) -> float:
+    tensor = torch.tensor([value], device=runtime.device, dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())

@@ -60,6 +60,40 @@ def setup_runtime(opt: argparse.Namespace) -> Runtime:
     return Runtime(device=device, rank=rank, world_size=world_size)
 
 
+def capture_rng() -> dict:
+    """Every random generator's state (Python, NumPy, torch, CUDA), in types ``torch.load(weights_only=True)`` reads."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Put back what :func:`capture_rng` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng(runtime: Runtime) -> list[dict]:
+    """Every rank's :func:`capture_rng` (a collective call under torchrun)."""
+    mine = capture_rng()
+    if not runtime.distributed:
+        return [mine]
+    states: list = [None] * runtime.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
