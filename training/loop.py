@@ -52,7 +52,12 @@ class Progress:
     total_iters: int = 0  # samples seen, summed over processes (upstream's total_iters)
     best_val_mae_hu: float = math.inf
     nonfinite_skipped: int = 0
-    history: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Loss sums over the steps of ``epoch`` so far, kept with a mid-epoch save so that a
+    # resumed epoch's means (and the plateau schedule that follows them) cover the whole epoch.
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    loss_steps: int = 0
+    history: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> mean losses
+    learning_rates: dict[int, float] = field(default_factory=dict)  # epoch -> lr set at its end
 
     def counters(self, epoch_complete: bool) -> dict:
         done = self.epoch if epoch_complete else self.epoch - 1
@@ -63,10 +68,12 @@ class Progress:
             "total_iters": self.total_iters,
             "best_val_mae_hu": None if math.isinf(self.best_val_mae_hu) else self.best_val_mae_hu,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "epoch_loss_sums": {} if epoch_complete else dict(self.loss_sums),
+            "epoch_loss_steps": 0 if epoch_complete else self.loss_steps,
         }
 
 
-def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None = None) -> dict[int, dict[str, float]]:
+def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None = None) -> Progress:
     """Train ``opt.model`` from ``opt.epoch_count`` (and, on resume, the saved step) to the last epoch.
 
     Args:
@@ -75,7 +82,8 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
         stop: signal requests; the loop arms it once the data is ready.
 
     Returns:
-        Each epoch's mean losses, ``{epoch: {"G_GAN": ..., "G_L1": ..., ...}}``.
+        Where training ended, with each epoch's mean losses (``history``) and the learning
+        rate set at each epoch's end (``learning_rates``).
 
     Raises:
         Interrupted: stopped on a signal (``saved`` says whether ``latest`` holds this step).
@@ -111,6 +119,8 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
         progress.nonfinite_skipped = int(counters.get("nonfinite_skipped", 0))
         if counters.get("next_epoch") == opt.epoch_count:
             progress.step = int(counters.get("next_step", 0))
+            progress.loss_sums = {k: float(v) for k, v in counters.get("epoch_loss_sums", {}).items()}
+            progress.loss_steps = int(counters.get("epoch_loss_steps", 0))
         _restore_rng(checkpoint.train_state.get("rng"), runtime)
 
     last_epoch = opt.n_epochs + opt.n_epochs_decay
@@ -128,7 +138,7 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
     stop.arm()
     for epoch in range(opt.epoch_count, last_epoch + 1):
         if epoch != progress.epoch:
-            progress.epoch, progress.step = epoch, 0
+            progress.epoch, progress.step, progress.loss_sums, progress.loss_steps = epoch, 0, {}, 0
         sampler.set_epoch(epoch)
         sampler.start_at(progress.step * opt.batch_size)
         loader_seed.manual_seed(opt.seed * 1_000_003 + epoch)
@@ -145,12 +155,13 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
         model.metric = progress.history[epoch].get("G_L1", 0.0)
         if validator is not None and validator.due(epoch):
             metrics = validator.run(model, epoch)
-            if visualizer is not None:
-                visualizer.plot_validation(epoch, metrics)
-            model.metric = metrics["mae_hu"]
-            improved = metrics["mae_hu"] < progress.best_val_mae_hu
-            if improved:
-                progress.best_val_mae_hu = metrics["mae_hu"]
+            if "mae_hu" in metrics:  # else no patient could be scored (each was named in a warning)
+                if visualizer is not None:
+                    visualizer.plot_validation(epoch, metrics)
+                model.metric = metrics["mae_hu"]
+                improved = metrics["mae_hu"] < progress.best_val_mae_hu
+                if improved:
+                    progress.best_val_mae_hu = metrics["mae_hu"]
         barrier(runtime)
         if opt.lr_policy == "plateau" and runtime.distributed:
             model.metric = _broadcast_float(model.metric, runtime)
@@ -165,7 +176,8 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
             save(BEST, epoch_complete=True, with_optimizers=True)
         means = " ".join(f"{k}: {v:.4f}" for k, v in progress.history[epoch].items())
         logger.info("end of epoch %d / %d, mean losses %s, learning rate %.7f", epoch, last_epoch, means, lr)
-    return progress.history
+        progress.learning_rates[epoch] = lr
+    return progress
 
 
 def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, samples_per_step: int,
@@ -176,64 +188,69 @@ def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, sam
     """
     epoch = progress.epoch
     epoch_start = time.time()
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, float] = defaultdict(float, progress.loss_sums)
+    progress.loss_sums = sums
     steps = 0
     first_step = progress.step
     data_start = time.time()
     progress_bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not runtime.is_main,
                         total=first_step + len(loader), initial=first_step)
     batches = iter(progress_bar)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            break
-        except RuntimeError:
-            if stop.requested:  # DataLoader workers that the same Ctrl-C ended
+    try:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
                 break
-            raise
-        data_time = time.time() - data_start
-        before = progress.total_iters
-        after = before + samples_per_step
-        compute_start = time.time()
-        model.set_input(batch)
-        try:
-            model.optimize_parameters()
-        except NonFiniteError as err:
-            _skip_or_stop(opt, model, progress, err, after)
-            continue
-        finally:
-            progress.step += 1
-            progress.total_iters = after
-        losses = model.get_current_losses()
-        for name, value in losses.items():
-            sums[name] += value
-        steps += 1
-        progress_bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+            except RuntimeError:
+                if stop.requested:  # DataLoader workers that the same Ctrl-C ended
+                    break
+                raise
+            data_time = time.time() - data_start
+            before = progress.total_iters
+            after = before + samples_per_step
+            compute_start = time.time()
+            model.set_input(batch)
+            try:
+                model.optimize_parameters()
+            except NonFiniteError as err:
+                _skip_or_stop(opt, model, progress, err, after)
+                continue
+            finally:
+                progress.step += 1
+                progress.total_iters = after
+            losses = model.get_current_losses()
+            for name, value in losses.items():
+                sums[name] += value
+            steps += 1
+            progress.loss_steps += 1
+            progress_bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
 
-        if visualizer is not None:
-            if crossed(before, after, opt.display_freq):
-                visualizer.display_current_results(model.get_current_visuals(), epoch,
-                                                   crossed(before, after, opt.update_html_freq) or steps == 1)
-            if crossed(before, after, opt.print_freq):
-                compute_time = (time.time() - compute_start) / opt.batch_size
-                visualizer.print_current_losses(epoch, progress.step * samples_per_step, losses, compute_time, data_time)
-                visualizer.plot_current_losses(epoch, progress.step / max(len(loader) + first_step, 1), losses)
-        if crossed(before, after, opt.save_latest_freq):
-            label = f"iter_{after}" if opt.save_by_iter else LATEST
-            logger.info("saving the latest model (epoch %d, total_iters %d) as '%s'", epoch, after, label)
-            save(label, epoch_complete=False, with_optimizers=True)
-        if _broadcast_flag(stop.requested, runtime):
-            if stop.signum is None:  # another rank was signalled; stop at the same step
-                stop.signum = signal.SIGTERM
-            break
-        data_start = time.time()
+            if visualizer is not None:
+                if crossed(before, after, opt.display_freq):
+                    visualizer.display_current_results(model.get_current_visuals(), epoch,
+                                                       crossed(before, after, opt.update_html_freq) or steps == 1)
+                if crossed(before, after, opt.print_freq):
+                    compute_time = (time.time() - compute_start) / opt.batch_size
+                    visualizer.print_current_losses(epoch, progress.step * samples_per_step, losses, compute_time, data_time)
+                    visualizer.plot_current_losses(epoch, progress.step / max(len(loader) + first_step, 1), losses)
+            if crossed(before, after, opt.save_latest_freq):
+                label = f"iter_{after}" if opt.save_by_iter else LATEST
+                logger.info("saving the latest model (epoch %d, total_iters %d) as '%s'", epoch, after, label)
+                save(label, epoch_complete=False, with_optimizers=True)
+            if _broadcast_flag(stop.requested, runtime):
+                if stop.signum is None:  # another rank was signalled; stop at the same step
+                    stop.signum = signal.SIGTERM
+                break
+            data_start = time.time()
+    finally:
+        progress_bar.close()  # an error line then starts on a line of its own
 
     if visualizer is not None and steps and visualizer.use_html and epoch not in visualizer.saved_epochs:
         # Every epoch gets a row on the page, however small the dataset.
         visualizer.display_current_results(model.get_current_visuals(), epoch, True)
     logger.info("epoch %d took %.1f s (%d iterations)", epoch, time.time() - epoch_start, steps)
-    return OrderedDict((name, total / max(steps, 1)) for name, total in sums.items())
+    return OrderedDict((name, total / max(progress.loss_steps, 1)) for name, total in sums.items())
 
 
 def _skip_or_stop(opt, model: BaseModel, progress: Progress, err: NonFiniteError, iteration: int) -> None:

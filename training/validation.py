@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.base_dataset import DatasetError
 from data.slice_cache import SliceSettings
 from evaluation.validation import describe_validation, find_validation_cases, validate
 from inference.volume import PhaseGenerator
@@ -48,7 +49,13 @@ class Validator:
         """The validator ``--val_freq``/``--num_val``/``--lpips`` ask for, or None (with the reason logged)."""
         if opt.val_freq == 0:
             return None
-        phase, cases = find_validation_cases(Path(opt.dataroot), opt.num_val)
+        try:
+            phase, cases = find_validation_cases(Path(opt.dataroot), opt.num_val)
+        except DatasetError as err:
+            if opt.val_freq > 0:  # asked for: a split that cannot be used stops the run
+                raise
+            logger.warning("validation is off: %s", err)
+            return None
         if not cases:
             message = "no held-out split (valA/ + valB/, or testA/ + testB/) in %s: validation is off"
             (logger.warning if opt.val_freq > 0 else logger.info)(message, opt.dataroot)
