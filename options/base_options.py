@@ -189,7 +189,7 @@ class BaseOptions:
             raise OptionsError(f"--residual adds the input slice to the output: --output_nc must be 1 or --input_nc, got {opt.output_nc}")
         if hasattr(opt, "hu_min") and opt.hu_max <= opt.hu_min:
             raise OptionsError(f"--hu_max {opt.hu_max} must be above --hu_min {opt.hu_min}")
-        if hasattr(opt, "hu_min") and not math.isfinite(float(np.float32(opt.hu_max) - np.float32(opt.hu_min))):
+        if hasattr(opt, "hu_min") and opt.hu_max - opt.hu_min > FLOAT32_MAX:
             raise OptionsError(f"--hu_min {opt.hu_min} --hu_max {opt.hu_max}: the window's width overflows float32")
         for flag in ("batch_size", "input_nc", "output_nc", "ngf", "ndf"):
             if getattr(opt, flag) < 1:
