@@ -12,13 +12,17 @@ case "$job" in demo|test) ;; *) echo "usage: bash quickstart.sh demo|test" >&2; 
 
 if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
 PY="$VENV/bin/python"
+# visdom 0.2.4 is a source package whose setup.py needs pkg_resources, gone from setuptools 81:
+# put an older setuptools in the venv and build there (no isolated build with the newest one).
+"$PY" -m pip install -q "setuptools<81" wheel
+install() { "$PY" -m pip install -q --no-build-isolation -r "$1"; }
 
 if [ "$job" = test ]; then
-  "$PY" -m pip install -q -r requirements-dev.txt
+  install requirements-dev.txt
   exec "$PY" -m pytest -q
 fi
 
-"$PY" -m pip install -q -r requirements.txt
+install requirements.txt
 DATA=./datasets/ct_phases_dataset
 NAME=ct_phase0_demo
 # A small respiratory phantom: 8 training and 2 test patients, 128 x 128 x 32 voxels.

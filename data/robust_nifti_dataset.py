@@ -6,12 +6,14 @@ Layout: ``<dataroot>/<phase>A/NAME.nii[.gz]`` (input, e.g. the average CT) pairs
 For each pair, both volumes are brought to canonical RAS+ orientation (data/volume_io.py),
 cut into slices along ``--slice_axis`` (``--axial_slice`` = axial), normalised to 0-255 with
 the ``--intensity`` window (data/intensity.py), resized to ``--resize_to`` and served in
-[-1, 1]. Each volume is decoded once per cache entry (data/slice_cache.py). A slice is a
-sample when it is finite and not constant on both sides.
+[-1, 1]. Each volume is decoded once per cache entry (data/slice_cache.py); opening the
+data set first prunes the cache's stale entries (of files since changed or deleted). A slice
+is a sample when it is finite and not constant on both sides.
 
 Broken inputs (unreadable files, grids that differ, non-3D volumes, no usable slice) stop the
 run with one line naming the file, or with ``--skip_corrupted`` are skipped with a warning
-that names the file and the reason.
+that names the file and the reason. A cache that cannot be written (full disk, read-only
+folder) stops the run whatever the flags, with one line naming ``--cache_dir``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from torch.utils.data import default_collate
 from data import DATASETS
 from data.base_dataset import BaseDataset, DatasetError
 from data.intensity import INTENSITY_MODES
-from data.slice_cache import CachedVolume, SliceReader, SliceSettings, cached_volume
+from data.slice_cache import (
+    CachedVolume,
+    SliceReader,
+    SliceSettings,
+    SourceIdentities,
+    cached_volume,
+    prune_stale_entries,
+    source_identity,
+)
 from data.slicing import SLICE_AXES, context_indices
 from data.volume_io import VolumeError, is_nifti_path, strip_nifti_suffix
 
@@ -111,9 +121,21 @@ def find_pairs(dataroot: Path, phase: str) -> tuple[list[tuple[Path, Path]], lis
 
 
 def load_pairs(
-    pairs: list[tuple[Path, Path]], settings: SliceSettings, cache_dir: Path, skip_corrupted: bool
+    pairs: list[tuple[Path, Path]],
+    settings: SliceSettings,
+    cache_dir: Path,
+    skip_corrupted: bool,
+    identity_of=source_identity,
 ) -> PairingReport:
-    """Cache every pair's slices and check that each pair shares one grid."""
+    """Cache every pair's slices and check that each pair shares one grid.
+
+    Args:
+        identity_of: gives a file's identity for its cache key (see ``cached_volume``).
+
+    Raises:
+        DatasetError: a broken file or pair without ``skip_corrupted``.
+        CacheError: the cache cannot be written, whatever ``skip_corrupted`` says.
+    """
     report = PairingReport()
 
     def skip(path: Path, reason: str) -> None:
@@ -126,7 +148,7 @@ def load_pairs(
         entries = []
         for path in (path_a, path_b):
             try:
-                entry, built = cached_volume(path, settings, cache_dir)
+                entry, built = cached_volume(path, settings, cache_dir, identity_of)
             except VolumeError as err:
                 skip(path, err.problem)
                 break
@@ -203,7 +225,11 @@ class RobustNiftiDataset(BaseDataset):
                 len(unpaired),
                 ", ".join(str(p) for p in unpaired),
             )
-        self.report = load_pairs(files, self.settings, cache_dir, opt.skip_corrupted)
+        # Each file's identity is read once, for the pruning and for its cache key.
+        identities = SourceIdentities()
+        if not opt.no_cache:
+            prune_stale_entries(cache_dir, identities)  # first: frees the space the rebuilds need
+        self.report = load_pairs(files, self.settings, cache_dir, opt.skip_corrupted, identities)
         self.report.unpaired = unpaired
         if not self.report.pairs:
             raise DatasetError(f"{opt.dataroot}: no usable volume pair ({len(self.report.skipped)} skipped)")

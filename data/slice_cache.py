@@ -7,46 +7,66 @@ A volume is decoded once: its slices, already windowed, resized and in the netwo
 (:class:`SliceReader`, a few at a time) without touching the NIfTI file again, so memory is
 bounded by the batch, not the dataset.
 
-The key hashes the file's identity (absolute path, size, modification time) and every
+The key hashes the file's identity (:func:`source_identity`: absolute path, size,
+modification and change times, inode, and a digest of a few sampled blocks) and every
 setting that changes the slices (:class:`SliceSettings`), so a changed file or setting
-rebuilds only the entries it affects. An entry is built in a temporary folder and renamed
-into place only once complete; an entry whose description is missing, unreadable or does
-not match its array is rebuilt, never read.
+rebuilds only the entries it affects, even a file rewritten with its old size and
+modification time restored. An entry is built in a temporary folder and renamed into place
+only once complete; an entry whose description is missing, unreadable or does not match
+its array is rebuilt, never read. A build that fails (a full disk, a folder that cannot be
+written, Ctrl-C) leaves nothing behind; a full or read-only cache is a :class:`CacheError`
+naming the cache folder. :func:`prune_stale_entries` deletes the entries that no run can
+read again (their file is gone or changed).
 
 Clearing the cache is deleting the folder (``rm -rf ./cache``); ``--no_cache`` builds the
-same entries in a temporary folder removed at exit.
+same entries in a temporary folder removed at exit. A cache deleted while a run reads it
+stops the run with a :class:`CacheError`; running again rebuilds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.base_dataset import CacheError
 from data.intensity import HUWindow, pixels_to_network, window_for
 from data.slicing import resize_slices, volume_to_slices
 from data.volume_io import VolumeError, read_volume, strip_nifti_suffix
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the layout or the meaning of an entry changes
+CACHE_FORMAT = 2  # bump when the layout, the key or the meaning of an entry changes
 SLICES_FILE = "slices.npy"
 ENTRY_FILE = "entry.json"
 PARTIAL_MARK = ".partial-"  # <entry>.partial-<host>-<pid>: a build in progress (or abandoned)
 BUILD_CHUNK = 16  # slices windowed and resized at a time: bounds the memory of a build
+KEY_LENGTH = 20  # hex digits of the key at the end of an entry's name
+# Blocks of the source file hashed into its identity: the first (the header), the last (for
+# a .gz, the CRC-32 and size of the whole decompressed data) and some spread between.
+IDENTITY_BLOCKS = 6
+IDENTITY_BLOCK_BYTES = 4096
 _HAS_PREADV = hasattr(os, "preadv")
+_ENTRY_NAME = re.compile(rf".+-[0-9a-f]{{{KEY_LENGTH}}}")
+_PARTIAL_NAME = re.compile(rf"(.+-[0-9a-f]{{{KEY_LENGTH}}}){re.escape(PARTIAL_MARK)}(.+)-(\d+)")
+# posix_fallocate's answers for a filesystem that cannot reserve space ahead.
+_NO_FALLOCATE = {errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.ENOSYS}
 
 
 @dataclass(frozen=True)
@@ -137,7 +157,10 @@ class SliceReader:
         if count == 0:
             return out
         if not _HAS_PREADV:  # Windows: read through a memory map instead
-            out[:] = entry.open_slices()[first : first + count]
+            try:
+                out[:] = entry.open_slices()[first : first + count]
+            except FileNotFoundError as err:
+                raise _cache_removed(entry) from err
         else:
             self._pread(out, entry, first)
         return out
@@ -169,7 +192,10 @@ class SliceReader:
             return self._files[entry.folder]
         if len(self._files) >= self.max_open:
             os.close(self._files.popitem(last=False)[1])
-        descriptor = os.open(entry.folder / SLICES_FILE, os.O_RDONLY)
+        try:
+            descriptor = os.open(entry.folder / SLICES_FILE, os.O_RDONLY)
+        except FileNotFoundError as err:
+            raise _cache_removed(entry) from err
         self._files[entry.folder] = descriptor
         return descriptor
 
@@ -185,32 +211,100 @@ def _close_all(files: OrderedDict[Path, int]) -> None:
         os.close(files.popitem()[1])
 
 
-def cache_key(path: Path, settings: SliceSettings) -> str:
-    stat = path.stat()
-    identity = {
-        "format": CACHE_FORMAT,
-        "path": str(path.resolve()),
-        "size": stat.st_size,
+def _cache_removed(entry: CachedVolume) -> CacheError:
+    return CacheError(
+        f"{entry.folder / SLICES_FILE}: not found: the slice cache was removed while this run was reading it; "
+        "run again to rebuild it"
+    )
+
+
+def source_identity(path: Path) -> dict:
+    """What the file at ``path`` is now, as far as a cache entry of it is concerned.
+
+    Its absolute path, size, modification time, change time, inode, and a BLAKE2 digest of
+    :data:`IDENTITY_BLOCKS` sampled blocks. A rewrite in place with the old size and
+    modification time restored (``os.utime``) still changes the change time, which no user
+    can set, and the sampled bytes catch it on filesystems whose times are coarse. Costs one
+    ``open`` and a few 4 KiB reads (about 0.1 ms warm).
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+    path = Path(path).resolve()
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        stat = os.fstat(f.fileno())
+        size = stat.st_size
+        if size <= IDENTITY_BLOCKS * IDENTITY_BLOCK_BYTES:
+            digest.update(f.read())
+        else:
+            last = size - IDENTITY_BLOCK_BYTES
+            for i in range(IDENTITY_BLOCKS):
+                f.seek(last * i // (IDENTITY_BLOCKS - 1))
+                digest.update(f.read(IDENTITY_BLOCK_BYTES))
+    return {
+        "path": str(path),
+        "size": size,
         "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
+        "sampled_blake2b": digest.hexdigest(),
+    }
+
+
+class SourceIdentities:
+    """:func:`source_identity`, looked up once per file: a run's pruning and its cache
+    lookups share what it read. Holds what the files were when first asked, so keep one
+    for one pass over the data set, not for a whole training run."""
+
+    def __init__(self):
+        self._known: dict[Path, dict] = {}
+
+    def __call__(self, path: Path) -> dict:
+        path = Path(path).resolve()
+        if path not in self._known:
+            self._known[path] = source_identity(path)
+        return self._known[path]
+
+
+def cache_key(path: Path, settings: SliceSettings, identity: dict | None = None) -> str:
+    """The entry name's key: a hash of the file's identity and the slice settings.
+
+    Args:
+        identity: ``source_identity(path)`` if already known.
+    """
+    described = {
+        "format": CACHE_FORMAT,
+        "identity": source_identity(path) if identity is None else identity,
         "settings": settings.key_fields(),
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
 
 
-def cached_volume(path: Path, settings: SliceSettings, cache_dir: Path) -> tuple[CachedVolume, bool]:
+def cached_volume(
+    path: Path,
+    settings: SliceSettings,
+    cache_dir: Path,
+    identity_of: Callable[[Path], dict] = source_identity,
+) -> tuple[CachedVolume, bool]:
     """The cache entry of ``path`` under ``settings``, built first if missing or damaged.
+
+    Args:
+        identity_of: gives a file's :func:`source_identity`; a :class:`SourceIdentities`
+            shares the lookups of a pass over the data set.
 
     Returns:
         ``(entry, built)``: ``built`` is True when the volume had to be decoded now.
 
     Raises:
         VolumeError: the file cannot be read, or has no finite or non-constant voxels.
+        CacheError: the entry cannot be written (full disk, no permission, ...).
     """
     path = Path(path)
     try:
-        key = cache_key(path, settings)
+        key = cache_key(path, settings, identity_of(path))
     except OSError as err:
-        raise VolumeError(path, f"cannot be accessed ({err.strerror or err})") from err
+        raise VolumeError(path, f"cannot be opened ({err.strerror or err})") from err
     folder = Path(cache_dir) / f"{path.parent.name}_{strip_nifti_suffix(path.name)}-{key}"
     entry = _load_entry(folder, path)
     if entry is not None:
@@ -218,27 +312,77 @@ def cached_volume(path: Path, settings: SliceSettings, cache_dir: Path) -> tuple
     if folder.exists():
         logger.warning("%s: cache entry %s is damaged or incomplete; rebuilding it", path, folder)
         shutil.rmtree(folder, ignore_errors=True)
-    return _build_entry(path, settings, folder), True
+    return _build_entry(path, settings, folder, key), True
 
 
-def _build_entry(path: Path, settings: SliceSettings, folder: Path) -> CachedVolume:
+def _build_entry(path: Path, settings: SliceSettings, folder: Path, key: str) -> CachedVolume:
     volume, meta = read_volume(path)
     try:
         window = window_for(volume, settings.intensity, settings.hu_min, settings.hu_max)
     except ValueError as err:
         raise VolumeError(path, str(err)) from err
-
     raw = volume_to_slices(volume, settings.slice_axis)  # (N, H, W) view, in file units
-    n_slices, size = len(raw), (settings.resize_to, settings.resize_to)
+    size = (settings.resize_to, settings.resize_to)
+
+    partial = folder.with_name(f"{folder.name}{PARTIAL_MARK}{socket.gethostname()}-{os.getpid()}")
+    try:
+        try:
+            _remove_abandoned_builds(folder)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            finite, blank = _write_slices(partial / SLICES_FILE, raw, window, size)
+            if not (finite & ~blank).any():
+                raise VolumeError(path, "no usable slice: every slice has NaN/Inf voxels or is constant")
+            description = {
+                "format": CACHE_FORMAT,
+                "source": str(path.resolve()),
+                "key": key,
+                "n_slices": len(raw),
+                "slice_size": list(size),
+                "canonical_shape": list(meta.canonical_shape),
+                "canonical_affine": meta.canonical_affine.tolist(),
+                "window": window.as_dict(),
+                "finite": finite.tolist(),
+                "blank": blank.tolist(),
+                "settings": dataclasses.asdict(settings),
+            }
+            _write_description(partial, description)
+            try:
+                os.replace(partial, folder)
+            except OSError:
+                # Another process finished the same entry first; theirs is as good as ours.
+                if _load_entry(folder, path) is None:
+                    raise
+        except OSError as err:
+            raise _cache_write_error(folder.parent, path, err) from err
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # also on Ctrl-C: no partial entry stays
+    entry = _load_entry(folder, path)
+    if entry is None:
+        raise RuntimeError(f"{folder}: cache entry unreadable right after it was written")
+    return entry
+
+
+def _write_slices(
+    path: Path, raw: np.ndarray, window: HUWindow, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Window and resize the slices ``raw`` (N, H, W) and write them to the new ``.npy`` file
+    ``path``, (N, S, S) float16, :data:`BUILD_CHUNK` slices at a time.
+
+    Written with ``write()``, never through a memory map: on a full disk a write fails with
+    ENOSPC, where a store into a mapped page that has no disk block kills the process with
+    SIGBUS. The file's space is reserved first (:func:`_reserve_space`).
+
+    Returns:
+        ``(finite, blank)``: (N,) bool each, slice has only finite voxels / is constant.
+    """
+    n_slices = len(raw)
     finite = np.empty(n_slices, dtype=bool)
     blank = np.empty(n_slices, dtype=bool)
-
-    _remove_abandoned_builds(folder)
-    partial = folder.with_name(f"{folder.name}{PARTIAL_MARK}{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        slices = np.lib.format.open_memmap(partial / SLICES_FILE, mode="w+", dtype=np.float16, shape=(n_slices, *size))
+    with open(path, "xb") as slices:
+        header = _npy_header((n_slices, *size))
+        _reserve_space(slices, len(header) + n_slices * size[0] * size[1] * 2)
+        slices.write(header)
         for start in range(0, n_slices, BUILD_CHUNK):
             # (c, H, W), contiguous; for sagittal slices a view, so the fix-up below edits
             # our own copy of the volume, which is dropped afterwards.
@@ -251,48 +395,140 @@ def _build_entry(path: Path, settings: SliceSettings, folder: Path) -> CachedVol
                 np.nan_to_num(block, copy=False, nan=window.lo_hu, posinf=window.hi_hu, neginf=window.lo_hu)
             blank[start:stop] = block.max(axis=(1, 2)) <= block.min(axis=(1, 2))
             network = pixels_to_network(resize_slices(window(block), size).numpy())
-            slices[start:stop] = torch.from_numpy(network).half().numpy()  # torch's cast is vectorised, numpy's is not
-        if not (finite & ~blank).any():
-            raise VolumeError(path, "no usable slice: every slice has NaN/Inf voxels or is constant")
-        # No msync: the written pages are in the page cache whatever happens to this process,
-        # and the rename below is what makes the entry visible.
-        del slices
-        description = {
-            "format": CACHE_FORMAT,
-            "source": str(path.resolve()),
-            "n_slices": int(n_slices),
-            "slice_size": list(size),
-            "canonical_shape": list(meta.canonical_shape),
-            "canonical_affine": meta.canonical_affine.tolist(),
-            "window": window.as_dict(),
-            "finite": finite.tolist(),
-            "blank": blank.tolist(),
-            "settings": dataclasses.asdict(settings),
-        }
-        # Written last: an entry without its description is incomplete by construction.
-        (partial / ENTRY_FILE).write_text(json.dumps(description))
-        try:
-            os.replace(partial, folder)
-        except OSError:
-            # Another process finished the same entry first; theirs is as good as ours.
-            if _load_entry(folder, path) is None:
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    entry = _load_entry(folder, path)
-    if entry is None:
-        raise RuntimeError(f"{folder}: cache entry unreadable right after it was written")
-    return entry
+            # torch's cast to float16 is vectorised, numpy's is not
+            slices.write(memoryview(torch.from_numpy(network).half().numpy()).cast("B"))
+    return finite, blank
+
+
+def _write_description(partial: Path, description: dict) -> None:
+    """``entry.json``, written last: an entry without its description is incomplete by construction."""
+    (partial / ENTRY_FILE).write_text(json.dumps(description))
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The header of a C-order float16 ``.npy`` file of ``shape``: what ``np.load`` reads."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+    )
+    return header.getvalue()
+
+
+def _reserve_space(file: io.BufferedWriter, length: int) -> None:
+    """Claim ``length`` bytes of disk for ``file`` now, so that a full disk fails here, at
+    once, and not halfway through the build (nor later, when the page cache is written back).
+    Filesystems that cannot reserve ahead are written as they are: writes then fail instead."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(file.fileno(), 0, length)
+    except OSError as err:
+        if err.errno not in _NO_FALLOCATE:
+            raise
+        logger.debug("%s: cannot reserve disk space ahead (%s); writing without", file.name, os.strerror(err.errno))
+
+
+def _cache_write_error(cache_dir: Path, source: Path, err: OSError) -> CacheError:
+    """One line for a cache that cannot be written: the folder, the problem, what to do."""
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free space or point --cache_dir elsewhere"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "make it writable or point --cache_dir elsewhere"
+    else:
+        advice = "point --cache_dir elsewhere"
+    return CacheError(f"{cache_dir}: {reason[:1].lower()}{reason[1:]} while caching {source}; {advice}")
 
 
 def _remove_abandoned_builds(folder: Path) -> None:
     """Delete partial builds of this entry left on this host by runs that were killed."""
-    host = socket.gethostname()
     for partial in folder.parent.glob(f"{glob.escape(folder.name)}{PARTIAL_MARK}*"):
-        owner = partial.name[len(folder.name) + len(PARTIAL_MARK) :]
-        owner_host, _, pid = owner.rpartition("-")
-        if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
+        if _abandoned(partial):
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def _abandoned(partial: Path) -> bool:
+    """True for a partial build left on this host by a process that no longer runs. Builds of
+    live processes, and of other hosts (a cache on a shared disk), are not ours to judge."""
+    match = _PARTIAL_NAME.fullmatch(partial.name)
+    return bool(match) and match[2] == socket.gethostname() and not _process_alive(int(match[3]))
+
+
+def prune_stale_entries(cache_dir: Path, identity_of: Callable[[Path], dict] = source_identity) -> tuple[int, int]:
+    """Delete the entries under ``cache_dir`` that no run will read again, and log what went.
+
+    Removed: an entry whose source file (``entry.json``'s ``"source"``) no longer exists, or
+    whose key no longer matches the file's current identity under the entry's own settings
+    (the file changed, so its slices now live under another key); an entry of an older
+    :data:`CACHE_FORMAT`; a partial build abandoned on this host by a process that no longer
+    runs. Left alone: anything that is not a folder named like an entry, an entry whose
+    description cannot be read (rebuilt in place when its file is next read), entries of a
+    newer format, and builds in progress. Entries of every data set under ``cache_dir`` are
+    judged, other settings included; nothing outside ``cache_dir`` is touched.
+
+    Args:
+        identity_of: gives a file's :func:`source_identity` (shared with the lookups that follow).
+
+    Returns:
+        ``(entries removed, bytes freed)``.
+    """
+    cache_dir = Path(cache_dir)
+    try:
+        folders = sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []
+    except OSError as err:  # unreadable: a build there will say so, if one is needed
+        logger.debug("slice cache %s: cannot list it to prune (%s)", cache_dir, err)
+        return 0, 0
+    removed = freed = 0
+    for folder in folders:
+        if folder.is_symlink() or not folder.is_dir() or not _is_stale(folder, identity_of):
+            continue
+        size = _folder_bytes(folder)
+        # ignore_errors: another process (a torchrun rank) may be pruning the same folder
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed, freed = removed + 1, freed + size
+    if removed:
+        logger.info(
+            "slice cache %s: pruned %d stale entr%s (files changed or gone), %.1f MB freed",
+            cache_dir,
+            removed,
+            "y" if removed == 1 else "ies",
+            freed / 1e6,
+        )
+    return removed, freed
+
+
+def _folder_bytes(folder: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    except OSError:
+        return 0  # removed meanwhile
+
+
+def _is_stale(folder: Path, identity_of: Callable[[Path], dict]) -> bool:
+    if PARTIAL_MARK in folder.name:
+        return _abandoned(folder)
+    if not _ENTRY_NAME.fullmatch(folder.name):
+        return False
+    try:
+        description = json.loads((folder / ENTRY_FILE).read_text())
+        form, source = int(description["format"]), Path(description["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if form != CACHE_FORMAT:
+        return form < CACHE_FORMAT
+    try:
+        settings = SliceSettings(**description["settings"])
+        key = description["key"]
+    except (KeyError, TypeError):
+        return False
+    try:
+        identity = identity_of(source)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False  # there but unreadable now (permissions): not ours to judge
+    return cache_key(source, settings, identity) != key
 
 
 def _process_alive(pid: int) -> bool:

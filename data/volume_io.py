@@ -21,7 +21,10 @@ byte order. Writing is atomic (temporary file, then rename), so a failed or inte
 write never leaves a half-written output under the final name.
 
 Every problem with a file surfaces as :class:`VolumeError`, whose message starts with the
-file's path and says what is wrong.
+file's path and says what is wrong. That includes a header whose claims cannot be met, found
+before any memory is allocated for the voxels: more voxel data than the file holds (for
+``.nii.gz``, counted in bounded memory when the gzip trailer cannot prove it), or a decode
+that needs more memory than the machine has free (:func:`decode_peak_bytes`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.orientations import (
     apply_orientation,
     axcodes2ornt,
@@ -44,6 +48,7 @@ from nibabel.orientations import (
     io_orientation,
     ornt_transform,
 )
+from nibabel.volumeutils import apply_read_scaling
 
 from util.atomic import atomic_path
 
@@ -52,6 +57,14 @@ OUTPUT_DTYPES = ("int16", "float32")
 # A header that claims more voxels than this is refused before any memory is allocated:
 # 2**31 float32 voxels are 8 GiB, far above any CT volume (512 x 512 x 2000 is 0.5e9).
 MAX_VOXELS = 2**31
+# scl_slope/scl_inter are applied a slab of this many voxels at a time: nibabel scales in
+# float64, and a whole 512 x 512 x 1024 volume in float64 is 2 GiB (4 GiB at the peak).
+SCALING_SLAB_VOXELS = 1 << 22
+# Deflate expands at most 1032-fold, so a .gz of N bytes holds at most 1032 N bytes.
+MAX_DEFLATE_RATIO = 1032
+# Bytes of free memory a decode may use; None: what the operating system reports
+# (:func:`available_memory_bytes`). Tests set it.
+AVAILABLE_MEMORY_BYTES: int | None = None
 _CANONICAL = axcodes2ornt("RAS")
 _INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
 
@@ -181,8 +194,9 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
     header = image.header
     shape = tuple(int(s) for s in image.shape)
     _check_dtype(path, header)
-    _check_claimed_size(path, header, shape)
+    needed = _check_claimed_size(path, header, shape)
     spatial_shape, frame_index = _select_frame(path, shape, frame)
+    _check_memory(path, header, spatial_shape, scaled=(image.dataobj.slope, image.dataobj.inter) != (1.0, 0.0))
     affine = np.asarray(image.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(path, "has a degenerate or non-finite affine; cannot tell its orientation")
@@ -191,6 +205,8 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
         raise VolumeError(
             path, f"affine {affine[:3, :3].tolist()} has nearly parallel axes; cannot tell its orientation"
         )
+    if _is_gzip_name(path):
+        _check_gzip_holds(path, needed, shape)  # may decompress: after the cheap checks
 
     meta = VolumeMeta(
         affine=affine,
@@ -200,19 +216,36 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
         source=path,
     )
     try:
-        proxy = image.dataobj
-        # Slicing the proxy applies scl_slope/scl_inter and reads only the frame we need.
-        data = proxy[(slice(None),) * 3 + (frame_index,)] if frame_index is not None else proxy[...]
-        canonical = meta.to_canonical(np.asarray(data).reshape(spatial_shape))  # a view: axes permuted/flipped
-        # One pass converts to float32 and reorders the axes. The copy keeps the file's memory
-        # layout (x fastest in NIfTI), so an axial slice stays one contiguous block: copying
-        # to C order would transpose the volume here and again when it is cut into slices.
-        volume = np.empty_like(canonical, dtype=np.float32)
-        with np.errstate(over="ignore"):  # values beyond float32 become +-Inf, non-finite like NaN
-            np.copyto(volume, canonical, casting="unsafe")
+        volume = _decode(image.dataobj, meta, frame_index)
     except Exception as err:
         raise VolumeError(path, f"voxel data cannot be decoded ({_describe(err)})") from err
     return volume, meta
+
+
+def _decode(proxy: ArrayProxy, meta: VolumeMeta, frame_index: int | None) -> np.ndarray:
+    """The canonical float32 volume: the stored voxels (one frame of a 4D file), scaled.
+
+    Peak memory is the stored voxels (for ``.nii.gz``; a ``.nii`` is memory-mapped) plus the
+    float32 result plus one slab of scaling scratch, never a float64 copy of the volume.
+    """
+    # The same file, read without scl_slope/scl_inter: the scaling is ours, a slab at a time.
+    unscaled = ArrayProxy(proxy.file_like, (proxy.shape, proxy.dtype, proxy.offset))
+    raw = unscaled[(slice(None),) * 3 + (frame_index,)] if frame_index is not None else unscaled.get_unscaled()
+    raw = np.asarray(raw).reshape(meta.storage_shape)  # storage order, the file's dtype
+    # The result keeps the file's memory layout (x fastest in NIfTI), so an axial slice stays
+    # one contiguous block: C order would transpose the volume here and again when it is cut
+    # into slices. `target` is the same memory seen in storage order.
+    volume = np.empty_like(meta.to_canonical(raw), dtype=np.float32)
+    target = meta.to_storage(volume)
+    slab = max(1, SCALING_SLAB_VOXELS // max(1, raw.shape[0] * raw.shape[1]))  # storage z-planes per slab
+    with np.errstate(over="ignore"):  # values beyond float32 become +-Inf, non-finite like NaN
+        for start in range(0, raw.shape[2], slab):
+            block = raw[:, :, start : start + slab]
+            # nibabel's own arithmetic (float64 for integer storage), so values are as its
+            # scaled reads give them; an identity scaling returns the block itself.
+            scaled = apply_read_scaling(block, proxy.slope, proxy.inter)
+            np.copyto(target[:, :, start : start + slab], scaled, casting="unsafe")
+    return volume
 
 
 def write_volume(
@@ -295,52 +328,132 @@ def _check_dtype(path: Path, header) -> None:
         raise VolumeError(path, f"stores {dtype} voxels; expected integer or floating-point intensities")
 
 
-def _check_claimed_size(path: Path, header, shape: tuple[int, ...]) -> None:
-    """Refuse a header that claims more voxel data than the file can hold, before allocating."""
+def _check_claimed_size(path: Path, header, shape: tuple[int, ...]) -> int:
+    """Refuse a header that claims more voxel data than the file can hold, before allocating.
+
+    Only checks that cost no decompression; :func:`_check_gzip_holds` does the rest.
+
+    Returns:
+        Bytes the file must hold (decompressed): the header's data offset plus the voxels.
+    """
     n_voxels = int(np.prod(shape, dtype=np.float64))
     if n_voxels > MAX_VOXELS:
         raise VolumeError(path, f"header claims {n_voxels:,} voxels (shape {shape}), above the limit of {MAX_VOXELS:,}")
     offset = int(header.get_data_offset())
     needed = offset + n_voxels * header.get_data_dtype().itemsize
-    if path.name.lower().endswith(".gz"):
-        stored = _gzip_uncompressed_size(path, needed)
-        if stored is not None and stored < needed:
+    size = path.stat().st_size
+    if _is_gzip_name(path):
+        if size * MAX_DEFLATE_RATIO < needed:
             raise VolumeError(
                 path,
-                f"holds {stored:,} bytes once decompressed but its header claims {needed:,} "
-                f"(shape {shape}): truncated, or a header that claims more voxels than the file holds",
+                f"is {size:,} bytes compressed, which holds at most {size * MAX_DEFLATE_RATIO:,} once decompressed, "
+                f"but its header claims {needed:,} (shape {shape}): truncated, or a header that claims more voxels "
+                "than the file holds",
             )
-    elif path.stat().st_size < needed:
+    elif size < needed:
         raise VolumeError(
             path,
-            f"is {path.stat().st_size:,} bytes but its header claims {needed:,} (shape {shape}): "
+            f"is {size:,} bytes but its header claims {needed:,} (shape {shape}): "
             "truncated, or a header that claims more voxels than the file holds",
+        )
+    return needed
+
+
+def _check_gzip_holds(path: Path, needed: int, shape: tuple[int, ...]) -> None:
+    """Refuse a ``.gz`` whose decompressed stream holds fewer than ``needed`` bytes.
+
+    The gzip trailer proves the size at once for a whole, single-member file below 4 GiB
+    (nibabel writes those). Otherwise (a claim of 4 GiB or more, which the trailer's 32-bit
+    size cannot express; several members; a trailer that is not one, as in a truncated
+    file) the stream is decompressed in bounded memory and counted, stopping at ``needed``.
+    """
+    if _gzip_trailer_proves(path, needed):
+        return
+    stored = _decompressed_size(path, stop_at=needed)
+    if stored < needed:
+        raise VolumeError(
+            path,
+            f"holds {stored:,} bytes once decompressed but its header claims {needed:,} "
+            f"(shape {shape}): truncated, or a header that claims more voxels than the file holds",
         )
 
 
-def _gzip_uncompressed_size(path: Path, needed: int) -> int | None:
-    """Bytes the gzip file holds once decompressed, if fewer than ``needed``; else None.
-
-    The trailer's size field answers at once for a whole, single-member file (nibabel's
-    own). It only holds the size modulo 2**32 and describes the last member only, so a
-    trailer below ``needed`` is confirmed by decompressing (in bounded memory) before the
-    file is called short: a truncated stream then stops early.
-    """
+def _gzip_trailer_proves(path: Path, needed: int) -> bool:
+    """True when the last 4 bytes, the last member's size modulo 2**32, show ``needed``
+    bytes: a claim below 4 GiB, a size at least that, and one that the compressed size
+    can hold (a truncated file ends in compressed data, not in a trailer)."""
     with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b" or f.seek(0, os.SEEK_END) < 4:
-            return None
+        if f.read(2) != b"\x1f\x8b" or (size := f.seek(0, os.SEEK_END)) < 4:
+            return False
         f.seek(-4, os.SEEK_END)
         trailer = struct.unpack("<I", f.read(4))[0]
-    if needed >= 2**32 or trailer >= needed:
-        return None
+    return needed < 2**32 and needed <= trailer <= size * MAX_DEFLATE_RATIO
+
+
+def _decompressed_size(path: Path, stop_at: int) -> int:
+    """Bytes the gzip file decompresses to, counted a MiB at a time; stops once ``stop_at``
+    is reached. A damaged stream counts what was decoded before the damage."""
     total = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while total < needed and (chunk := stream.read(1 << 20)):
+            while total < stop_at and (chunk := stream.read(1 << 20)):
                 total += len(chunk)
     except (OSError, EOFError, zlib.error):
-        pass  # a truncated or corrupt stream holds what was decoded before the damage
-    return total if total < needed else None
+        pass
+    return total
+
+
+def _is_gzip_name(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+def decode_peak_bytes(shape: tuple[int, ...], dtype: np.dtype, scaled: bool) -> int:
+    """Memory ``read_volume`` needs to decode voxels of ``shape`` stored as ``dtype``.
+
+    The stored voxels (a ``.nii`` is memory-mapped, but counting them keeps the estimate
+    safe for frames of 4D files and for filesystems that cannot be mapped), the float32
+    result and, when ``scl_slope``/``scl_inter`` apply, two float64 slabs of scaling scratch.
+    Measured peaks sit within 2% of it above the interpreter's own memory.
+    """
+    n_voxels = int(np.prod(shape, dtype=np.float64))
+    scratch = 2 * 8 * min(n_voxels, SCALING_SLAB_VOXELS) if scaled else 0
+    return n_voxels * (np.dtype(dtype).itemsize + 4) + scratch
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now without swapping, or None if unknown.
+
+    ``MemAvailable`` from /proc/meminfo (Linux), else free physical pages
+    (``os.sysconf``); :data:`AVAILABLE_MEMORY_BYTES` overrides both. A container's memory
+    limit (cgroup) is not read: there the check is looser, never wrongly stricter.
+    """
+    if AVAILABLE_MEMORY_BYTES is not None:
+        return AVAILABLE_MEMORY_BYTES
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(path: Path, header, spatial_shape: tuple[int, int, int], scaled: bool) -> None:
+    """Refuse a volume whose decode would need more memory than is free, before allocating."""
+    needed = decode_peak_bytes(spatial_shape, header.get_data_dtype(), scaled)
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise VolumeError(
+            path,
+            f"header claims shape {spatial_shape} of {header.get_data_dtype()} voxels: decoding needs "
+            f"{needed:,} bytes ({needed / 2**30:.1f} GiB) of memory but {available:,} bytes "
+            f"({available / 2**30:.1f} GiB) are available; a damaged header, or a volume too large for this "
+            "machine (free memory or crop it)",
+        )
 
 
 def _select_frame(path: Path, shape: tuple[int, ...], frame: int | None) -> tuple[tuple[int, int, int], int | None]:

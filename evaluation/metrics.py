@@ -28,24 +28,39 @@ SynthRAD 2023 clips to [-1024, 3000] HU; this module uses [-1024, 3071], the ful
 range and the project's ``--intensity hu`` window, so its numbers are close to but not
 exactly SynthRAD's.
 
+* ``lpips`` (optional, ``evaluate_patient(..., lpips_scorer=...)``): the learned perceptual
+  distance LPIPS (AlexNet, v0.1), slice by slice in the axial plane inside the body mask's
+  bounding box, mean over slices; see ``evaluation/perceptual.py``.
+
 Each metric is also computed for the identity **baseline**: the input (the average CT)
 scored against the same target, so a reader can see whether the model beats doing nothing.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+if TYPE_CHECKING:  # evaluation.perceptual imports this module
+    from evaluation.perceptual import LpipsScorer
 
 RANGE_HU = (-1024.0, 3071.0)
 DATA_RANGE_HU = RANGE_HU[1] - RANGE_HU[0]  # 4095
 BODY_THRESHOLD_HU = -500.0
 SSIM_WIN_SIZE = 7  # skimage's default
-METRICS = ("mae_hu", "psnr_db", "ssim")
+METRICS = ("mae_hu", "psnr_db", "ssim")  # always scored
+LPIPS_METRIC = "lpips"  # scored when an LpipsScorer is given (it needs weight files)
 # How each metric is named for people; "higher" says which direction is better.
-METRIC_LABELS = {"mae_hu": "MAE (HU) in body", "psnr_db": "PSNR (dB) in body", "ssim": "SSIM in body"}
-HIGHER_IS_BETTER = {"mae_hu": False, "psnr_db": True, "ssim": True}
+METRIC_LABELS = {
+    "mae_hu": "MAE (HU) in body",
+    "psnr_db": "PSNR (dB) in body",
+    "ssim": "SSIM in body",
+    LPIPS_METRIC: "LPIPS in body box",
+}
+HIGHER_IS_BETTER = {"mae_hu": False, "psnr_db": True, "ssim": True, LPIPS_METRIC: False}
 BASELINE_PREFIX = "baseline_"
 
 
@@ -132,13 +147,19 @@ def score_volume(generated_hu: np.ndarray, target_hu: np.ndarray, mask: np.ndarr
     return {"mae_hu": mae, "psnr_db": psnr, "ssim": float(values.mean(dtype=np.float64))}
 
 
-def evaluate_patient(input_hu: np.ndarray, generated_hu: np.ndarray, target_hu: np.ndarray) -> dict[str, float]:
+def evaluate_patient(
+    input_hu: np.ndarray, generated_hu: np.ndarray, target_hu: np.ndarray, lpips_scorer: LpipsScorer | None = None
+) -> dict[str, float]:
     """Scores of the generated volume and of the identity baseline (the input itself).
 
     All three are (X, Y, Z) HU volumes on one grid; both are scored inside the target's body.
 
+    Args:
+        lpips_scorer: when given, LPIPS is scored too (``evaluation.perceptual.LpipsScorer``).
+
     Returns:
-        ``{"mae_hu", "psnr_db", "ssim", "baseline_mae_hu", "baseline_psnr_db", "baseline_ssim"}``.
+        ``{"mae_hu", "psnr_db", "ssim", "baseline_mae_hu", "baseline_psnr_db", "baseline_ssim"}``,
+        plus ``"lpips"`` and ``"baseline_lpips"`` with ``lpips_scorer``.
 
     Raises:
         ValueError: as :func:`score_volume`, naming the input or generated volume when it is
@@ -149,6 +170,9 @@ def evaluate_patient(input_hu: np.ndarray, generated_hu: np.ndarray, target_hu: 
     mask = body_mask(target_hu)
     generated = score_volume(generated_hu, target_hu, mask)
     baseline = score_volume(input_hu, target_hu, mask)
+    if lpips_scorer is not None:
+        # The target's features are computed once for both volumes.
+        generated[LPIPS_METRIC], baseline[LPIPS_METRIC] = lpips_scorer.score([generated_hu, input_hu], target_hu, mask)
     return {**generated, **{BASELINE_PREFIX + key: value for key, value in baseline.items()}}
 
 

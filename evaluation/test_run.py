@@ -16,7 +16,9 @@ Output, in ``<results_dir>/<name>/<phase>_<epoch>/`` (``<epoch>`` is ``iter_<n>`
   clip to), so images are comparable across patients, models and ``--intensity`` modes.
 * ``metrics.csv`` (one row per scored patient) and ``metrics.json`` (rows and summary), only
   when at least one patient has a target. Scores are of the volume as written (rounded to
-  integer HU with ``--output_dtype int16``).
+  integer HU with ``--output_dtype int16``). ``--lpips`` adds LPIPS (``lpips``,
+  ``baseline_lpips``) when its weight files are in place (evaluation/perceptual.py), and is
+  skipped with one log line naming the missing file otherwise.
 
 A file that cannot be read, a pair whose grids differ, or a volume that cannot be generated
 or scored stops the run with one line naming the file, or is skipped with a warning under
@@ -39,17 +41,20 @@ import numpy as np
 from data.base_dataset import DatasetError
 from data.intensity import HUWindow
 from data.slicing import slice_for_display, volume_to_slices
-from data.volume_io import VolumeError, is_nifti_path, read_volume, strip_nifti_suffix, write_volume
+from data.volume_io import VolumeError, VolumeMeta, is_nifti_path, read_volume, strip_nifti_suffix, write_volume
 from evaluation.metrics import (
     BASELINE_PREFIX,
     HIGHER_IS_BETTER,
+    LPIPS_METRIC,
     METRIC_LABELS,
     METRICS,
     RANGE_HU,
     evaluate_patient,
     summarise,
 )
+from evaluation.perceptual import LpipsScorer
 from inference.volume import PhaseGenerator, load_generator
+from util import run_folder
 from util.html import HTML
 from util.image import save_png
 
@@ -57,8 +62,13 @@ logger = logging.getLogger(__name__)
 
 DISPLAY_WINDOW = HUWindow(*RANGE_HU)
 IMAGE_KINDS = ("input", "generated", "target")
-METRIC_FORMATS = {"mae_hu": "{:.1f}", "psnr_db": "{:.2f}", "ssim": "{:.4f}"}
-CSV_COLUMNS = ("patient", *METRICS, *(BASELINE_PREFIX + m for m in METRICS))
+METRIC_FORMATS = {"mae_hu": "{:.1f}", "psnr_db": "{:.2f}", "ssim": "{:.4f}", LPIPS_METRIC: "{:.4f}"}
+METRIC_DESCRIPTIONS = {
+    "mae_hu": "mean |generated - target| in the body mask",
+    "psnr_db": "skimage peak_signal_noise_ratio over the body mask's voxels, data_range 4095 HU",
+    "ssim": "skimage structural_similarity, 3D 7x7x7 uniform window, data_range 4095 HU, mean over the body mask",
+    LPIPS_METRIC: "LPIPS v0.1 (AlexNet), axial slices of the body mask's bounding box mapped to [-1, 1], mean over slices",
+}
 # Canonical affines of a registered pair agree to far better than this (mm).
 AFFINE_TOLERANCE_MM = 1e-3
 
@@ -86,12 +96,13 @@ class TestReport:
     patients: list[PatientResult]
     skipped: list[tuple[Path, str]]
     summary: dict[str, dict[str, float]] | None
+    metric_names: tuple[str, ...] = METRICS  # METRICS, plus "lpips" when it was scored
 
     def summary_lines(self) -> list[str]:
         """What the script prints at the end: the mean scores, then where the results are."""
         lines = [f"{len(self.patients)} volume(s) generated, {len(self.skipped)} skipped"]
         if self.summary is not None:
-            for metric in METRICS:
+            for metric in self.metric_names:
                 ours, baseline = self.summary[metric], self.summary[BASELINE_PREFIX + metric]
                 lines.append(
                     f"{METRIC_LABELS[metric]}: generated {_mean_std(metric, ours)}, "
@@ -105,7 +116,7 @@ class TestReport:
 
 def checkpoint_label(opt: argparse.Namespace) -> str:
     """The checkpoint's prefix: ``iter_<n>`` with ``--load_iter n``, else ``--epoch``."""
-    return f"iter_{opt.load_iter}" if opt.load_iter > 0 else str(opt.epoch)
+    return run_folder.checkpoint_label(opt.epoch, opt.load_iter)
 
 
 def results_folder(opt: argparse.Namespace) -> Path:
@@ -139,6 +150,11 @@ def find_test_volumes(dataroot: Path, phase: str, num_test: int) -> list[tuple[P
     return [(path, targets.get(path.name)) for path in inputs[:num_test]]
 
 
+def csv_columns(metric_names: tuple[str, ...] = METRICS) -> tuple[str, ...]:
+    """metrics.csv's columns: the patient, each metric, then each metric's baseline."""
+    return ("patient", *metric_names, *(BASELINE_PREFIX + m for m in metric_names))
+
+
 def display_slices(n_slices: int, num_images: int) -> list[int]:
     """``num_images`` evenly spaced slice indices: the centres of equal parts of the volume.
 
@@ -160,6 +176,8 @@ def run_test(opt: argparse.Namespace) -> TestReport:
     checkpoint = checkpoint_label(opt)
     generator = load_generator(opt.checkpoints_dir, opt.name, checkpoint, opt.gpu_ids)
     _warn_ignored_flags(opt, generator)
+    # None (after one log line naming the missing file) when LPIPS's weights are not in place.
+    lpips_scorer = LpipsScorer.from_torchvision_cache(generator.device) if getattr(opt, "lpips", False) else None
     cases = find_test_volumes(Path(opt.dataroot), opt.phase, opt.num_test)
     web_dir = results_folder(opt)
     volumes_dir = web_dir / "volumes"
@@ -167,12 +185,15 @@ def run_test(opt: argparse.Namespace) -> TestReport:
     page = HTML(web_dir, title=f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {checkpoint}")
     skip_corrupted = getattr(opt, "skip_corrupted", False)
 
+    metric_names = (*METRICS, LPIPS_METRIC) if lpips_scorer is not None else METRICS
     results, skipped = [], []
     for input_path, target_path in cases:
         start = time.time()
         patient = strip_nifti_suffix(input_path.name)
         try:
-            result = _test_one(generator, patient, input_path, target_path, volumes_dir, page.img_dir, opt)
+            result = _test_one(
+                generator, patient, input_path, target_path, volumes_dir, page.img_dir, opt, lpips_scorer
+            )
         except VolumeError as err:
             if not skip_corrupted:
                 raise DatasetError(f"{err} (pass --skip_corrupted to skip such files)") from err
@@ -180,7 +201,7 @@ def run_test(opt: argparse.Namespace) -> TestReport:
             skipped.append((err.path, err.problem))
             continue
         results.append(result)
-        scores = "" if result.metrics is None else "; " + _scores_text(result.metrics)
+        scores = "" if result.metrics is None else "; " + _scores_text(result.metrics, metric_names)
         logger.info("%s: %.1f s -> %s%s", patient, time.time() - start, result.output_path, scores)
     if not results:
         raise DatasetError(f"{opt.dataroot}: no usable test volume ({len(skipped)} skipped)")
@@ -188,7 +209,14 @@ def run_test(opt: argparse.Namespace) -> TestReport:
     rows = [{"patient": r.patient, **r.metrics} for r in results if r.metrics is not None]
     summary = summarise(rows) if rows else None
     report = TestReport(
-        web_dir, web_dir / "index.html", checkpoint, generator.settings.slice_axis, results, skipped, summary
+        web_dir,
+        web_dir / "index.html",
+        checkpoint,
+        generator.settings.slice_axis,
+        results,
+        skipped,
+        summary,
+        metric_names,
     )
     _write_metrics(report, rows)
     _write_page(page, report, opt)
@@ -203,21 +231,10 @@ def _test_one(
     volumes_dir: Path,
     img_dir: Path,
     opt: argparse.Namespace,
+    lpips_scorer: LpipsScorer | None = None,
 ) -> PatientResult:
     """Generate, write, score and picture one volume. Every problem is a VolumeError."""
-    volume, meta = read_volume(input_path)  # (X, Y, Z) HU
-    target = None
-    if target_path is not None:
-        target, target_meta = read_volume(target_path)
-        if target.shape != volume.shape:
-            raise VolumeError(
-                target_path,
-                f"grid {target.shape} differs from {input_path.parent.name}'s {volume.shape}; register the pair first",
-            )
-        if not np.allclose(meta.canonical_affine, target_meta.canonical_affine, atol=AFFINE_TOLERANCE_MM):
-            logger.warning(
-                "%s: affine differs from %s's: the pair may be misregistered", target_path, input_path.parent.name
-            )
+    volume, meta, target = read_pair(input_path, target_path)  # (X, Y, Z) HU; target None without a path
     try:
         generated, _ = generator.translate(volume)
     except ValueError as err:
@@ -228,7 +245,7 @@ def _test_one(
     metrics = None
     if target is not None:
         try:
-            metrics = evaluate_patient(volume, generated, target)
+            metrics = evaluate_patient(volume, generated, target, lpips_scorer)
         except ValueError as err:
             raise VolumeError(target_path, f"cannot be scored ({err})") from err
     output_path = write_volume(volumes_dir / f"{patient}_phase0.nii.gz", generated, meta, dtype=opt.output_dtype)
@@ -245,6 +262,31 @@ def _test_one(
             names.append(name)
         images.append((k, names))
     return PatientResult(patient, input_path, output_path, target_path, metrics, images)
+
+
+def read_pair(input_path: Path, target_path: Path | None) -> tuple[np.ndarray, VolumeMeta, np.ndarray | None]:
+    """``(input, input_meta, target)``: an input volume and its target (None without a path), in HU.
+
+    Both are canonical (X, Y, Z) float32. A target whose canonical affine differs from the
+    input's (by more than 1e-3 mm) is used, with a warning that the pair may be misregistered.
+
+    Raises:
+        VolumeError: a file cannot be read, or the target's grid differs from the input's.
+    """
+    volume, meta = read_volume(input_path)
+    if target_path is None:
+        return volume, meta, None
+    target, target_meta = read_volume(target_path)
+    if target.shape != volume.shape:
+        raise VolumeError(
+            target_path,
+            f"grid {target.shape} differs from {input_path.parent.name}'s {volume.shape}; register the pair first",
+        )
+    if not np.allclose(meta.canonical_affine, target_meta.canonical_affine, atol=AFFINE_TOLERANCE_MM):
+        logger.warning(
+            "%s: affine differs from %s's: the pair may be misregistered", target_path, input_path.parent.name
+        )
+    return volume, meta, target
 
 
 def _warn_ignored_flags(opt: argparse.Namespace, generator: PhaseGenerator) -> None:
@@ -284,7 +326,7 @@ def _write_metrics(report: TestReport, rows: list[dict]) -> None:
         json_path.unlink(missing_ok=True)
         return
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=csv_columns(report.metric_names))
         writer.writeheader()
         writer.writerows(rows)
     document = {
@@ -292,9 +334,7 @@ def _write_metrics(report: TestReport, rows: list[dict]) -> None:
         "metrics": {
             "range_hu": list(RANGE_HU),
             "mask": "target > -500 HU, largest connected component, holes filled per axial slice",
-            "mae_hu": "mean |generated - target| in the body mask",
-            "psnr_db": "skimage peak_signal_noise_ratio over the body mask's voxels, data_range 4095 HU",
-            "ssim": "skimage structural_similarity, 3D 7x7x7 uniform window, data_range 4095 HU, mean over the body mask",
+            **{metric: METRIC_DESCRIPTIONS[metric] for metric in report.metric_names},
             "baseline": "the input (average CT) scored against the same target",
         },
         "patients": rows,
@@ -312,23 +352,28 @@ def _write_page(page: HTML, report: TestReport, opt: argparse.Namespace) -> None
         page.add_text(
             "Scores inside the body (target > -500 HU, holes filled), HU clipped to [-1024, 3071]. "
             "'input average' is the identity baseline: the input scored against the same target. "
+            + (
+                "LPIPS: axial slices of the body's bounding box, mean over slices. "
+                if LPIPS_METRIC in report.metric_names
+                else ""
+            )
             + ", ".join(
-                f"{METRIC_LABELS[m]}: {'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better" for m in METRICS
+                f"{METRIC_LABELS[m]}: {'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better"
+                for m in report.metric_names
             )
             + "."
         )
+        names = report.metric_names
         header = ["patient"] + [
-            f"{METRIC_LABELS[m].replace(' in body', '')} {who}"
-            for m in METRICS
-            for who in ("generated", "input average")
+            f"{METRIC_LABELS[m].split(' in body')[0]} {who}" for m in names for who in ("generated", "input average")
         ]
         rows = [
-            [r.patient] + [_format(m, r.metrics[key]) for m in METRICS for key in (m, BASELINE_PREFIX + m)]
+            [r.patient] + [_format(m, r.metrics[key]) for m in names for key in (m, BASELINE_PREFIX + m)]
             for r in report.patients
             if r.metrics is not None
         ]
         rows.append(
-            ["mean ± std"] + [_mean_std(m, report.summary[key]) for m in METRICS for key in (m, BASELINE_PREFIX + m)]
+            ["mean ± std"] + [_mean_std(m, report.summary[key]) for m in names for key in (m, BASELINE_PREFIX + m)]
         )
         page.add_table_rows(header, rows)
     else:
@@ -358,9 +403,9 @@ def _mean_std(metric: str, stats: dict[str, float]) -> str:
     return f"{_format(metric, stats['mean'])} ± {_format(metric, stats['std'])}"
 
 
-def _scores_text(metrics: dict[str, float]) -> str:
+def _scores_text(metrics: dict[str, float], metric_names: tuple[str, ...]) -> str:
     return ", ".join(
-        f"{m} {_format(m, metrics[m])} (input {_format(m, metrics[BASELINE_PREFIX + m])})" for m in METRICS
+        f"{m} {_format(m, metrics[m])} (input {_format(m, metrics[BASELINE_PREFIX + m])})" for m in metric_names
     )
 
 

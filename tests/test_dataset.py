@@ -321,3 +321,32 @@ def test_no_usable_pair_is_an_error(tmp_path):
     write(tmp_path / "trainB" / "p.nii.gz", ct(1))
     with pytest.raises(DatasetError, match="no usable volume pair"):
         dataset(tmp_path, "--skip_corrupted")
+
+
+def test_opening_the_dataset_prunes_entries_of_changed_or_deleted_files(tmp_path, caplog):
+    root = make_root(tmp_path, n_pairs=2)
+    first = dataset(root)
+    stale = {entry.folder for entry in first.report.pairs[1]}
+    (root / "trainA" / "p1.nii.gz").unlink()  # p1's pair goes: both its entries are stale
+    (root / "trainB" / "p1.nii.gz").unlink()
+    with caplog.at_level(logging.INFO):
+        second = dataset(root)
+    assert len(second.report.pairs) == 1
+    cached = {path for path in (root / "cache").iterdir()}
+    assert cached == {entry.folder for entry in second.report.pairs[0]} and not stale & cached
+    assert "pruned 2 stale entries" in caplog.text
+
+
+def test_identities_are_read_once_per_volume_when_opening(tmp_path, monkeypatch):
+    root = make_root(tmp_path, n_pairs=2)
+    dataset(root)
+    looked_up = []
+    original = data.slice_cache.source_identity
+
+    def counting(path):
+        looked_up.append(Path(path).name)
+        return original(path)
+
+    monkeypatch.setattr(data.slice_cache, "source_identity", counting)
+    dataset(root)  # warm: prunes nothing, decodes nothing
+    assert sorted(looked_up) == ["p0.nii.gz", "p0.nii.gz", "p1.nii.gz", "p1.nii.gz"]  # one A, one B each

@@ -10,19 +10,23 @@ empty folder).
 from __future__ import annotations
 
 import builtins
+import errno
 import gzip
 import logging
 import os
+import shutil
 import struct
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch.utils.data
 
+import data.slice_cache
 import data.volume_io
 from data import create_dataset
-from data.base_dataset import DatasetError
+from data.base_dataset import CacheError, DatasetError
 from data.volume_io import new_volume_meta, write_volume
 from options.train_options import TrainOptions
 from tests.conftest import TINY_TRAIN_FLAGS, run_script
@@ -83,6 +87,12 @@ def header_claims_more_voxels(path: Path) -> None:
     path.write_bytes(gzip.compress(bytes(raw)) if path.name.endswith(".gz") else bytes(raw))
 
 
+def header_claims_2_to_the_31_voxels(path: Path) -> None:
+    raw = bytearray(nifti_bytes(ct(1)))
+    struct.pack_into("<hhh", raw, 42, 2048, 2048, 512)  # 4 GiB of int16 claimed by a 3 KB file
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
 def text_file(path: Path) -> None:
     path.write_text("patient: 7\nphase: 0\n" * 50)
 
@@ -120,6 +130,7 @@ BROKEN = {
     "random bytes named .nii.gz": (random_bytes, ".nii.gz", "A", "cannot be read as NIfTI"),
     "header claims more voxels (.nii)": (header_claims_more_voxels, ".nii", "A", "claims"),
     "header claims more voxels (.nii.gz)": (header_claims_more_voxels, ".nii.gz", "A", "claims"),
+    "header claims 2**31 voxels (.nii.gz)": (header_claims_2_to_the_31_voxels, ".nii.gz", "A", "claims"),
     "text file named .nii": (text_file, ".nii", "A", "cannot be read as NIfTI"),
     "2D image": (image_2d, ".nii.gz", "A", "2D"),
     "4D image with several frames": (image_4d, ".nii.gz", "A", "4D with 3 frames"),
@@ -181,6 +192,57 @@ def test_unreadable_file(root, monkeypatch):
         assert [path for path, _ in ds.report.skipped] == [bad] and len(ds) == GOOD_SLICES
     finally:
         bad.chmod(0o644)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_volume_too_large_for_free_memory_is_a_broken_file(root, monkeypatch, skip):
+    big = write(root / "trainA" / "big.nii.gz", ct(5, shape=(32, 32, 6)))
+    write(root / "trainB" / "big.nii.gz", ct(6, shape=(32, 32, 6)))
+    # Room for the 16 x 16 x 6 volumes (9 KB to decode), not for this one (37 KB).
+    monkeypatch.setattr(data.volume_io, "AVAILABLE_MEMORY_BYTES", 20_000)
+    if skip:
+        ds = load(root, skip=True)
+        assert [path for path, _ in ds.report.skipped] == [big] and len(ds) == GOOD_SLICES
+    else:
+        with pytest.raises(
+            DatasetError, match=rf"^{big}: header claims shape \(32, 32, 6\) of int16 voxels: decoding "
+        ):
+            load(root, skip=False)
+
+
+# -- the cache under faults: never a file's problem, so --skip_corrupted does not skip them ----
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_full_disk_stops_the_run_with_one_line_naming_the_cache(root, monkeypatch, skip):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data.slice_cache, "_reserve_space", disk_full)  # the disk has no room for an entry
+    with pytest.raises(CacheError) as caught:
+        load(root, skip=skip)
+    message = str(caught.value)
+    assert message.startswith(f"{root / 'cache'}: no space left on device while caching {root}")
+    assert message.endswith("; free space or point --cache_dir elsewhere") and "\n" not in message
+    assert list((root / "cache").iterdir()) == []  # no partial entry left behind
+
+
+def test_a_cache_removed_while_training_reads_it_stops_with_one_clear_error(root):
+    ds = load(root, skip=False)
+    shutil.rmtree(root / "cache")  # rm -rf ./cache while the run goes on
+    with pytest.raises(CacheError, match=r"slices\.npy: not found: the slice cache was removed while this run was "):
+        ds[0]
+    again = load(root, skip=False)  # the next run rebuilds it
+    assert len(again) == GOOD_SLICES and again.report.built == 4
+
+
+def test_a_cache_removed_under_dataloader_workers_is_still_one_line(root):
+    ds = load(root, skip=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=ds.collate_fn)
+    shutil.rmtree(root / "cache")
+    with pytest.raises(CacheError) as caught:
+        next(iter(loader))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(str(root / "cache"))
+    assert message.endswith("removed while this run was reading it; run again to rebuild it")
 
 
 # -- inputs that are not errors --------------------------------------------------------------

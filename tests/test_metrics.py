@@ -10,6 +10,9 @@ import pytest
 from datasets.make_phantom import HU, make_patient
 from evaluation.metrics import (
     DATA_RANGE_HU,
+    HIGHER_IS_BETTER,
+    LPIPS_METRIC,
+    METRIC_LABELS,
     body_mask,
     evaluate_patient,
     score_volume,
@@ -131,6 +134,30 @@ def test_evaluate_patient_scores_the_model_and_the_identity_baseline():
     assert row["mae_hu"] == pytest.approx(10.0) and row["baseline_mae_hu"] == pytest.approx(30.0)
     assert row["psnr_db"] > row["baseline_psnr_db"]
     assert row["ssim"] > row["baseline_ssim"]
+
+
+class RecordingLpips:
+    """Stands in for evaluation.perceptual.LpipsScorer: records what it is asked to score."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, volumes, target_hu, mask):
+        self.calls.append((volumes, target_hu, mask))
+        return [0.25, 0.5]
+
+
+def test_evaluate_patient_adds_lpips_of_both_volumes_with_a_scorer():
+    target = thorax()
+    average, generated = target + 30.0 * body_mask(target), target + 10.0 * body_mask(target)
+    scorer = RecordingLpips()
+    row = evaluate_patient(average, generated, target, lpips_scorer=scorer)
+    assert row[LPIPS_METRIC] == 0.25 and row["baseline_" + LPIPS_METRIC] == 0.5
+    [(volumes, scored_target, mask)] = scorer.calls  # one call: the target's features are made once
+    assert volumes[0] is generated and volumes[1] is average and scored_target is target
+    assert np.array_equal(mask, body_mask(target))
+    assert "lpips" not in evaluate_patient(average, generated, target)
+    assert not HIGHER_IS_BETTER[LPIPS_METRIC] and "LPIPS" in METRIC_LABELS[LPIPS_METRIC]
 
 
 def test_summarise_gives_mean_std_median_min_max_per_metric():

@@ -9,9 +9,11 @@ import torch
 
 import models
 from models import create_model
+from models.base_model import NonFiniteError
 from models.networks import GAN_MODES
 from options.train_options import TrainOptions
 from tests.conftest import TINY_TRAIN_FLAGS
+from util.run_folder import open_checkpoint, save_checkpoint
 
 
 def tiny_batch(batch_size: int, input_nc: int, size: int = 128) -> dict:
@@ -51,13 +53,22 @@ def test_save_and_load_round_trip_uses_upstream_file_names(phantom_root, tmp_pat
     opt = TrainOptions().parse([*TINY_TRAIN_FLAGS, "--dataroot", str(phantom_root), "--checkpoints_dir", str(tmp_path), "--name", "r"])
     model = create_model(opt, torch.device("cpu"))
     model.setup(opt)
-    model.save_networks(3)
-    model.save_train_state(3, epoch=3, total_iters=12)
+    save_checkpoint(model.save_dir, "3", model.network_states(), model.training_state(with_optimizers=False),
+                    {"epoch": 3, "next_epoch": 4, "next_step": 0, "total_iters": 12})
     names = sorted(p.name for p in (tmp_path / "r").iterdir())
-    assert {"3_net_G.pth", "3_net_D.pth", "3_train_state.pth", "3_train_state.json"} <= set(names)
+    assert {"3_net_G.pth", "3_net_D.pth", "3_train_state.pth", "3_checkpoint.json"} <= set(names)
     assert not [n for n in names if "partial" in n], "no temporary file may be left behind"
 
     other = create_model(opt, torch.device("cpu"))
-    other.load_networks(3)
+    other.load_networks(open_checkpoint(model.save_dir, "3"))
     for key, value in model.netG.state_dict().items():
         assert torch.equal(value, other.netG.state_dict()[key])
+
+
+def test_a_model_with_nan_weights_has_nothing_to_save(phantom_root, tmp_path):
+    opt = TrainOptions().parse([*TINY_TRAIN_FLAGS, "--dataroot", str(phantom_root), "--checkpoints_dir", str(tmp_path)])
+    model = create_model(opt, torch.device("cpu"))
+    with torch.no_grad():
+        next(model.netD.parameters())[0] = float("inf")
+    with pytest.raises(NonFiniteError, match="network D holds NaN/Inf in"):
+        model.network_states()

@@ -130,14 +130,41 @@ def test_continue_train_with_load_iter_takes_weights_and_counters_from_that_labe
 def test_a_stop_before_training_started_says_nothing_was_saved():
     stop = StopRequests().install()
     try:
-        with pytest.raises(Interrupted, match="before training started .* nothing was saved") as raised:
+        with pytest.raises(Interrupted, match=r"before training started .* nothing was saved") as raised:
             signal.raise_signal(signal.SIGTERM)
         assert not raised.value.saved and raised.value.exit_code == 143
         stop.arm()
         signal.raise_signal(signal.SIGINT)  # the first signal of a training run asks for a save
         assert stop.requested and stop.name == "SIGINT"
-        with pytest.raises(Interrupted, match="second signal .* without saving") as raised:
+        with pytest.raises(Interrupted, match=r"second signal .* without saving") as raised:
             signal.raise_signal(signal.SIGINT)
         assert not raised.value.saved and raised.value.exit_code == 130
     finally:
         stop.uninstall()
+
+
+def test_a_second_signal_during_the_save_abandons_it_whole(tmp_path, phantom_root, one_thread, monkeypatch):
+    """Ctrl-C twice: the first asks for a save, the second, arriving mid-save, stops at once and claims nothing."""
+    from util import run_folder
+
+    flags = ["--name", "twice", "--n_epochs", "1", "--n_epochs_decay", "0", "--batch_size", "2", "--save_latest_freq", "4"]
+    opt = options(tmp_path, phantom_root, *flags)
+    real_save, calls = run_folder._torch_save, []
+
+    def save_interrupted_by_a_second_signal(obj, path):
+        calls.append(path.name)
+        if len(calls) == 5:  # the 2nd file of the 2nd save: the one the first signal asked for
+            signal.raise_signal(signal.SIGINT)
+        real_save(obj, path)
+
+    monkeypatch.setattr(run_folder, "_torch_save", save_interrupted_by_a_second_signal)
+    stop = StopAfterPolls(2).install()  # the save at step 2 (iteration 4) completes; the stop comes after step 3
+    try:
+        with pytest.raises(Interrupted, match="second signal") as raised:
+            run(opt, stop)
+    finally:
+        stop.uninstall()
+    assert not raised.value.saved
+    folder = tmp_path / "checkpoints" / "twice"
+    assert open_checkpoint(folder, "latest").counters["total_iters"] == 4  # the last whole save, untouched
+    assert [p.name for p in folder.iterdir() if ".partial-" in p.name] == []

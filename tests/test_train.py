@@ -71,7 +71,7 @@ def test_continue_train_resumes_after_the_last_saved_epoch(trained):
     assert "training epochs 3..3" in resumed.stdout
     run = workdir / "checkpoints" / "ct_phase0_generator_optimized"
     assert (run / "3_net_G.pth").is_file()
-    assert json.loads((run / "latest_train_state.json").read_text())["epoch"] == 3
+    assert json.loads((run / "latest_checkpoint.json").read_text())["counters"]["epoch"] == 3
     # Model-defining options came from the run folder, not from repeated flags.
     assert "netG: unet_128" in " ".join(resumed.stdout.split())
 

@@ -9,6 +9,7 @@ the real script as a user would.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import shutil
 from pathlib import Path
@@ -16,9 +17,10 @@ from pathlib import Path
 import nibabel as nib  # tests craft odd files directly; project code reads them only through data.volume_io
 import numpy as np
 import pytest
+import torch
 
 import use_model
-from data.volume_io import read_volume
+from data.volume_io import VolumeError, read_volume
 from inference import volume as inference_volume
 from inference.cli import run_cli
 from inference.volume import load_generator, translate_file
@@ -413,3 +415,30 @@ def test_batch_size_and_neighbour_slices_do_not_change_the_result(tmp_path, phan
     all_at_once, _ = generator.translate(crop, batch_size=100)
     assert one_at_a_time.shape == crop.shape == (48, 40, 12)
     np.testing.assert_allclose(one_at_a_time, all_at_once, atol=1e-3)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_it(tmp_path, tiny_run, anatomy, capsys):
+    broken = tmp_path / "checkpoints" / "broken"
+    shutil.copytree(tiny_run, broken)
+    state = torch.load(broken / "latest_net_G.pth", weights_only=True)
+    first = next(key for key, value in state.items() if value.is_floating_point())
+    state[first][...] = float("nan")
+    torch.save(state, broken / "latest_net_G.pth")
+    rc = run_cli(use_model.main, use_model.get_args_parser(),
+                 ["--input_nifti", str(anatomy[0]), "--model_name", "broken", "--checkpoints_dir", str(broken.parent),
+                  "--output_dir", str(tmp_path / "out"), "--gpu_ids", "-1"])
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err, broken / "latest_net_G.pth")
+    assert "holds NaN/Inf weights" in err
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_network_output_with_nan_is_refused_not_written(tmp_path, generator, anatomy):
+    class NaNNet(torch.nn.Module):
+        def forward(self, x):
+            return torch.full_like(x[:, :1], float("nan"))
+
+    broken = dataclasses.replace(generator, net=NaNNet())
+    with pytest.raises(VolumeError, match="the network's output holds NaN/Inf"):
+        translate_file(broken, anatomy[0], tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")

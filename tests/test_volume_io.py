@@ -6,6 +6,7 @@ import gzip
 import struct
 import subprocess
 import sys
+import tracemalloc
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from data import volume_io
 from data.volume_io import VolumeError, new_volume_meta, read_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,3 +258,134 @@ def test_damaged_files_load_or_raise_volume_error(tmp_path, case):
     else:
         assert volume.ndim == 3 and volume.dtype == np.float32
         assert volume.shape == meta.canonical_shape
+
+
+# -- memory: a header's claims are checked before anything is allocated for them -----------
+def claiming_header(shape: tuple[int, int, int], dtype=np.int16) -> bytes:
+    """A NIfTI-1 header (and 4 voxels) whose dim fields claim ``shape``."""
+    raw = bytearray(nifti_bytes(np.zeros((2, 2, 1), dtype)))
+    struct.pack_into("<hhhh", raw, 40, 3, *shape)
+    return bytes(raw)
+
+
+def traced_peak(function) -> int:
+    """Peak bytes Python and numpy allocated while ``function`` ran."""
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_small_gz_claiming_2_to_the_31_voxels_is_refused_without_allocating(tmp_path):
+    # 1.3 KB that claims 4 GiB of int16: before, nibabel allocated the 4 GiB, then failed.
+    path = tmp_path / "huge_claim.nii.gz"
+    path.write_bytes(gzip.compress(claiming_header((2048, 2048, 512)) + np.random.default_rng(0).bytes(1200)))
+
+    def read():
+        with pytest.raises(VolumeError, match=r"claims 4,294,967,296 \(shape \(2048, 2048, 512\)\)") as caught:
+            read_volume(path)
+        assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
+
+    assert traced_peak(read) < 4 << 20
+
+
+def test_a_gz_claim_beyond_4_gib_is_counted_in_bounded_memory(tmp_path, monkeypatch):
+    # 5 MB of incompressible bytes could, as far as the compressed size tells, hold 4 GiB; the
+    # trailer's 32-bit size cannot tell either: the stream is decompressed and counted.
+    monkeypatch.setattr(volume_io, "AVAILABLE_MEMORY_BYTES", 2**40)  # so the memory check lets it through
+    path = tmp_path / "huge_claim.nii.gz"
+    path.write_bytes(gzip.compress(claiming_header((2048, 2048, 512)) + np.random.default_rng(0).bytes(5 << 20), 1))
+
+    def read():
+        with pytest.raises(VolumeError, match=r"holds 5,243,\d+ bytes once decompressed but its header claims"):
+            read_volume(path)
+
+    assert traced_peak(read) < 8 << 20
+
+
+def test_counting_stops_once_the_claim_is_met(tmp_path):
+    path = tmp_path / "zeros.gz"
+    path.write_bytes(gzip.compress(b"\x00" * (8 << 20)))
+    assert volume_io._decompressed_size(path, stop_at=1 << 20) == 1 << 20  # a MiB at a time: stops at the first
+    assert volume_io._decompressed_size(path, stop_at=1 << 40) == 8 << 20
+
+
+def test_a_whole_gz_is_proven_by_its_trailer_without_decompressing(tmp_path, monkeypatch):
+    path = write_volume(tmp_path / "v.nii.gz", coordinate_volume(), storage_meta(STORAGE_AFFINES["RAS"]))
+
+    def no_counting(*args, **kwargs):
+        raise AssertionError("decompressed only to count its bytes")
+
+    monkeypatch.setattr(volume_io, "_decompressed_size", no_counting)
+    np.testing.assert_array_equal(read_volume(path)[0], coordinate_volume())
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_decode_larger_than_free_memory_is_refused_before_allocating(tmp_path, monkeypatch, suffix):
+    volume = np.random.default_rng(0).integers(-1000, 1000, size=(64, 64, 32)).astype(np.float32)
+    path = write_volume(tmp_path / f"v{suffix}", volume, storage_meta(STORAGE_AFFINES["RAS"], volume.shape))
+    needed = volume_io.decode_peak_bytes((64, 64, 32), np.dtype(np.int16), scaled=False)
+    assert needed == 64 * 64 * 32 * (2 + 4)  # int16 as stored + float32 out
+    monkeypatch.setattr(volume_io, "AVAILABLE_MEMORY_BYTES", needed - 1)
+
+    def read():
+        with pytest.raises(VolumeError) as caught:
+            read_volume(path)
+        assert str(caught.value) == (
+            f"{path}: header claims shape (64, 64, 32) of int16 voxels: decoding needs {needed:,} bytes (0.0 GiB) "
+            f"of memory but {needed - 1:,} bytes (0.0 GiB) are available; a damaged header, or a volume too large "
+            "for this machine (free memory or crop it)"
+        )
+
+    assert traced_peak(read) < needed // 4
+    monkeypatch.setattr(volume_io, "AVAILABLE_MEMORY_BYTES", needed)
+    np.testing.assert_array_equal(read_volume(path)[0], volume)
+
+
+def test_available_memory_comes_from_the_system_unless_overridden(monkeypatch):
+    available = volume_io.available_memory_bytes()
+    assert available is None or available > 0
+    monkeypatch.setattr(volume_io, "AVAILABLE_MEMORY_BYTES", 12345)
+    assert volume_io.available_memory_bytes() == 12345
+
+
+def scaled_file(path: Path, data: np.ndarray, slope: float, inter: float) -> Path:
+    image = nib.Nifti1Image(data, np.diag([-2.0, -3.0, 4.0, 1.0]), dtype=data.dtype)
+    image.header.set_slope_inter(slope, inter)
+    nib.save(image, path)
+    assert (nib.load(path).dataobj.slope, nib.load(path).dataobj.inter) == (np.float32(slope), np.float32(inter))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "inter"),
+    [("uint8", 5.0, -1000.0), ("int16", 1.0, -1024.0), ("uint16", 0.5, -1024.0), ("int32", 0.37, 12.5),
+     ("float32", 2.0, 0.0), ("int16", 1.0, 0.0)],
+)  # fmt: skip
+def test_scaled_values_are_nibabels_in_float32_a_slab_at_a_time(tmp_path, monkeypatch, dtype, slope, inter):
+    monkeypatch.setattr(volume_io, "SCALING_SLAB_VOXELS", 7 * 5 * 2)  # slabs of 2 planes, the last one short
+    info = np.iinfo(dtype) if dtype != "float32" else None
+    rng = np.random.default_rng(1)
+    data = (
+        rng.integers(info.min, info.max, size=(7, 5, 9), endpoint=True, dtype=dtype)
+        if info
+        else rng.normal(0, 1000, size=(7, 5, 9)).astype(dtype)
+    )
+    path = scaled_file(tmp_path / "scaled.nii.gz", data, slope, inter)
+    volume, meta = read_volume(path)
+    # nibabel scales the whole volume in float64; the float32 result is the same to the bit.
+    np.testing.assert_array_equal(volume, meta.to_canonical(nib.load(path).get_fdata()).astype(np.float32))
+    assert volume[:, :, 0].flags.f_contiguous
+
+
+def test_scaling_needs_no_float64_copy_of_the_volume(tmp_path, monkeypatch):
+    monkeypatch.setattr(volume_io, "SCALING_SLAB_VOXELS", 128 * 128 * 4)
+    data = np.random.default_rng(0).integers(0, 4096, size=(128, 128, 64)).astype(np.uint16)
+    path = scaled_file(tmp_path / "scaled.nii.gz", data, 1.0, -1024.0)
+    estimate = volume_io.decode_peak_bytes(data.shape, data.dtype, scaled=True)
+    assert estimate == data.size * (2 + 4) + 2 * 8 * 128 * 128 * 4
+    peak = traced_peak(lambda: read_volume(path))
+    # nibabel's own scaled read held a float64 copy of the volume beside the float32 one (12.6 MB)
+    assert peak < data.size * 8 and abs(peak - estimate) < 0.1 * estimate

@@ -124,7 +124,6 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
         _restore_rng(checkpoint.train_state.get("rng"), runtime)
 
     last_epoch = opt.n_epochs + opt.n_epochs_decay
-    samples_per_step = opt.batch_size * runtime.world_size
     logger.info("training epochs %d..%d on %s, %d slices per epoch%s", opt.epoch_count, last_epoch, runtime.device,
                 len(dataset), f" (resuming at step {progress.step + 1})" if progress.step else "")
 
@@ -136,6 +135,19 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
                             progress.counters(epoch_complete))
 
     stop.arm()
+    try:
+        _train_epochs(opt, model, loader, sampler, loader_seed, visualizer, validator, progress, runtime, stop, save)
+    finally:
+        if visualizer is not None:
+            visualizer.flush()  # the curves image holds every point, however the run ended
+    return progress
+
+
+def _train_epochs(opt, model, loader, sampler, loader_seed, visualizer, validator, progress: Progress,
+                  runtime: Runtime, stop: StopRequests, save) -> None:
+    """Epochs ``opt.epoch_count`` .. the last: steps, validation, schedule, checkpoints."""
+    last_epoch = opt.n_epochs + opt.n_epochs_decay
+    samples_per_step = opt.batch_size * runtime.world_size
     for epoch in range(opt.epoch_count, last_epoch + 1):
         if epoch != progress.epoch:
             progress.epoch, progress.step, progress.loss_sums, progress.loss_steps = epoch, 0, {}, 0
@@ -177,7 +189,6 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
         means = " ".join(f"{k}: {v:.4f}" for k, v in progress.history[epoch].items())
         logger.info("end of epoch %d / %d, mean losses %s, learning rate %.7f", epoch, last_epoch, means, lr)
         progress.learning_rates[epoch] = lr
-    return progress
 
 
 def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, samples_per_step: int,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import dominate
 from dominate.tags import a, br, h3, img, meta, p, table, td, tr
+
+from util.atomic import atomic_path
 
 
 class HTML:
@@ -47,19 +50,30 @@ class HTML:
                             td(cell, style="padding: 2px 8px")
 
     def add_images(self, images: list[str], captions: list[str], links: list[str], width: int = 256) -> None:
-        """One row of images; paths are relative to ``images/``."""
+        """One row of images; ``images`` and ``links`` are file names relative to ``images/``.
+
+        Names are written URL-encoded, so a file named ``a #1?.png`` is found by the browser
+        (unencoded, ``#`` and ``?`` would end the path and ``%`` would start an escape).
+        """
         with self.doc:
             with table(border=1, style="table-layout: fixed;"):
                 with tr():
                     for image, caption, link in zip(images, captions, links, strict=True):
                         with td(style="word-wrap: break-word;", halign="center", valign="top"):
                             with p():
-                                with a(href=f"images/{link}"):
-                                    img(style=f"width:{width}px", src=f"images/{image}")
+                                with a(href=image_url(link)):
+                                    img(style=f"width:{width}px", src=image_url(image))
                                 br()
                                 p(caption)
 
     def save(self) -> Path:
+        """Write ``index.html`` (whole or not at all: a training page is rewritten while browsers reload it)."""
         path = self.web_dir / "index.html"
-        path.write_text(self.doc.render())
+        with atomic_path(path) as partial:
+            partial.write_text(self.doc.render())
         return path
+
+
+def image_url(name: str) -> str:
+    """The page-relative URL of ``images/<name>``: ``"a #1?.png"`` -> ``"images/a%20%231%3F.png"``."""
+    return "images/" + quote(name)

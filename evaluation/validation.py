@@ -1,0 +1,164 @@
+"""Validation while training: score the generator on held-out patients, as test.py scores it.
+
+The training loop calls, every ``--val_freq`` epochs::
+
+    phase, cases = find_validation_cases(Path(opt.dataroot), opt.num_val)   # once, at the start
+    generator = PhaseGenerator(net=netG, settings=SliceSettings.from_options(opt),
+                               context_slices=opt.context_slices, device=device)
+    metrics = validate(generator, cases, lpips_scorer)
+    logger.info(describe_validation(metrics))
+
+Each held-out input volume is translated whole (``PhaseGenerator.translate``, the inference
+path of use_model.py and test.py) and scored against its target with
+``evaluation.metrics.evaluate_patient``: MAE in the body mask, PSNR, SSIM and optionally
+LPIPS, each with its ``baseline_`` twin (the input average scored as if it were the
+prediction). Unlike test.py, the volume is not rounded to integer HU first.
+
+Validation leaves training exactly as it found it: the network's train/eval mode of every
+submodule, and the Python, NumPy, torch (and CUDA) random states, so a run with validation
+draws the same batches, flips and dropout masks as one without.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from data.robust_nifti_dataset import find_pairs
+from data.volume_io import VolumeError
+from evaluation.metrics import BASELINE_PREFIX, LPIPS_METRIC, evaluate_patient
+from evaluation.perceptual import LpipsScorer
+from evaluation.test_run import read_pair
+from inference.volume import PhaseGenerator
+from util.runtime import capture_rng, restore_rng
+
+logger = logging.getLogger(__name__)
+
+# Held-out splits, in order of preference: a validation split, else the test split.
+VALIDATION_PHASES = ("val", "test")
+N_PATIENTS = "n_patients"
+
+
+def find_validation_cases(dataroot: Path, max_patients: int) -> tuple[str, list[tuple[Path, Path]]]:
+    """The held-out pairs to validate on: ``valA/`` + ``valB/`` if both exist, else ``testA/`` + ``testB/``.
+
+    Inputs and targets pair by identical file name (as for training); the first
+    ``max_patients`` pairs by name are used. The split is by patient: its files are other
+    patients than training's (file names may repeat across splits, as in the demo phantom,
+    where each split numbers its patients from 1).
+
+    Returns:
+        ``(phase, pairs)``: ``"val"`` or ``"test"`` and the ``(input, target)`` paths;
+        ``("", [])`` when neither split exists.
+
+    Raises:
+        ValueError: ``max_patients`` is below 1.
+        DatasetError: the chosen split's folders hold no NIfTI file, or no name in both.
+    """
+    if max_patients < 1:
+        raise ValueError(f"max_patients must be at least 1, got {max_patients}")
+    dataroot = Path(dataroot)
+    for phase in VALIDATION_PHASES:
+        folders = [dataroot / f"{phase}{side}" for side in "AB"]
+        present = [folder.is_dir() for folder in folders]
+        if not all(present):
+            if any(present):
+                logger.warning("%s has only %s/: not used for validation", dataroot, folders[present.index(True)].name)
+            continue
+        pairs, unpaired = find_pairs(dataroot, phase)
+        if unpaired:
+            logger.warning(
+                "%s: %d file(s) without a partner of the same name, not validated: %s",
+                dataroot,
+                len(unpaired),
+                ", ".join(f"{p.parent.name}/{p.name}" for p in unpaired),
+            )
+        return phase, pairs[:max_patients]
+    return "", []
+
+
+def validate(
+    generator: PhaseGenerator, cases: list[tuple[Path, Path]], lpips_scorer: LpipsScorer | None = None
+) -> dict[str, float]:
+    """Translate and score each case; the mean of each metric over the patients scored.
+
+    Args:
+        generator: the network (in any mode) with the slice settings it is trained with.
+        cases: ``(input, target)`` NIfTI paths, as :func:`find_validation_cases` returns.
+        lpips_scorer: also score LPIPS (slow on a CPU).
+
+    Returns:
+        ``{"mae_hu", "psnr_db", "ssim", "baseline_mae_hu", "baseline_psnr_db",
+        "baseline_ssim"}`` (plus ``"lpips"``, ``"baseline_lpips"`` with a scorer), each the
+        mean over patients, and ``"n_patients"``. Only ``{"n_patients": 0}`` when no case
+        could be scored. ``psnr_db`` is ``inf`` if some volume equals its target.
+
+    A pair that cannot be read, whose grids differ, or that cannot be translated or scored
+    is skipped with a warning naming the file.
+    """
+    net = generator.net
+    modes = {module: module.training for module in net.modules()}
+    rng = capture_rng()
+    net.eval()  # dropout off, norms on running statistics: as inference sees the network
+    try:
+        rows = [row for row in (_score_case(generator, a, b, lpips_scorer) for a, b in cases) if row is not None]
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+        restore_rng(rng)
+    if not rows:
+        return {N_PATIENTS: 0}
+    means = {key: float(np.mean([row[key] for row in rows], dtype=np.float64)) for key in rows[0]}
+    return {**means, N_PATIENTS: len(rows)}
+
+
+def describe_validation(metrics: dict[str, float]) -> str:
+    """One line for the log that says whether the model beats the input average (by MAE) yet.
+
+    ``validation (2 patients): MAE 24.7 HU vs input average 32.0 HU: beats the input average
+    by 22.8%; PSNR 34.55 vs 30.44 dB; SSIM 0.957 vs 0.910`` (``; LPIPS 0.081 vs 0.112`` with
+    LPIPS), or ``...: does NOT beat the input average yet (MAE 40.1 vs 32.0 HU, 25.3% worse);
+    ...``.
+    """
+    n = int(metrics.get(N_PATIENTS, 0))
+    if n == 0:
+        return "validation: no patient could be scored"
+    head = f"validation ({n} patient{'s' if n != 1 else ''}): "
+    mae, baseline = metrics["mae_hu"], metrics[BASELINE_PREFIX + "mae_hu"]
+    change = (baseline - mae) / baseline * 100 if baseline > 0 else math.nan
+    if mae < baseline:
+        verdict = f"MAE {mae:.1f} HU vs input average {baseline:.1f} HU: beats the input average by {change:.1f}%"
+    elif mae == baseline:
+        verdict = f"does NOT beat the input average yet (MAE {mae:.1f} HU, the same)"
+    else:
+        worse = f", {-change:.1f}% worse" if math.isfinite(change) else ""
+        verdict = f"does NOT beat the input average yet (MAE {mae:.1f} vs {baseline:.1f} HU{worse})"
+    others = [
+        f"PSNR {metrics['psnr_db']:.2f} vs {metrics[BASELINE_PREFIX + 'psnr_db']:.2f} dB",
+        f"SSIM {metrics['ssim']:.3f} vs {metrics[BASELINE_PREFIX + 'ssim']:.3f}",
+    ]
+    if LPIPS_METRIC in metrics:
+        others.append(f"LPIPS {metrics[LPIPS_METRIC]:.3f} vs {metrics[BASELINE_PREFIX + LPIPS_METRIC]:.3f}")
+    return head + "; ".join([verdict, *others])
+
+
+def _score_case(
+    generator: PhaseGenerator, input_path: Path, target_path: Path, lpips_scorer: LpipsScorer | None
+) -> dict[str, float] | None:
+    """evaluate_patient's scores of one pair, or None (with a warning) when it cannot be used."""
+    try:
+        volume, _, target = read_pair(input_path, target_path)  # (X, Y, Z) HU each
+        try:
+            generated, _ = generator.translate(volume)
+        except ValueError as err:
+            raise VolumeError(input_path, f"cannot be translated ({err})") from err
+        try:
+            return evaluate_patient(volume, generated, target, lpips_scorer)
+        except ValueError as err:
+            raise VolumeError(target_path, f"cannot be scored ({err})") from err
+    except VolumeError as err:
+        logger.warning("validation skips %s: %s", err.path, err.problem)
+        return None
