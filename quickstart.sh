@@ -34,7 +34,7 @@ NAME=ct_phase0_demo
 "$PY" train.py --dataroot "$DATA" --name "$NAME" --model pix2pix --dataset_mode robust_nifti \
   --skip_corrupted --preprocess none --input_nc 1 --output_nc 1 --axial_slice --norm instance \
   --netG unet_128 --ngf 32 --ndf 32 --batch_size 4 --lambda_L1 1000 --lr 0.0002 --resize_to 128 \
-  --intensity hu --residual --no_dropout --display_freq 100 --save_epoch_freq 5 --n_epochs 15 --n_epochs_decay 5 --display_id 0
+  --intensity hu --residual --no_dropout --display_freq 100 --save_epoch_freq 5 --n_epochs 15 --n_epochs_decay 5 --display_id 0 --overwrite
 "$PY" test.py --dataroot "$DATA" --name "$NAME" --model pix2pix --dataset_mode robust_nifti \
   --preprocess none --input_nc 1 --output_nc 1 --axial_slice --epoch latest
 "$PY" use_model.py --input_nifti "$DATA/testA/patient_1.nii.gz" --model_name "$NAME" --epoch latest --output_dir ./results
