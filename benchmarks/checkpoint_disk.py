@@ -63,7 +63,9 @@ def main() -> None:
                        str(args.epochs), "--n_epochs_decay", "0", "--save_epoch_freq", str(args.save_epoch_freq),
                        "--display_id", "0", "--val_freq", "0", "--gpu_ids", "-1", *extra]
             start = time.time()
-            subprocess.run(command, check=True, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"train.py failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
             sizes = folder_bytes(Path(workdir) / "checkpoints" / name)
             rows[policy] = {"bytes": sizes, "total": sum(sizes.values()), "seconds": time.time() - start}
 

@@ -32,6 +32,20 @@ exactly SynthRAD's.
   distance LPIPS (AlexNet, v0.1), slice by slice in the axial plane inside the body mask's
   bounding box, mean over slices; see ``evaluation/perceptual.py``.
 
+Where the model helps and where it hurts: the MAE is also split into three regions of the
+body (:func:`motion_regions`), each scored for the model and the baseline alike:
+
+* ``mae_lungs_hu``: body voxels whose target is below -400 HU (:data:`LUNG_THRESHOLD_HU`):
+  the lungs (and any air inside the body).
+* ``mae_moving_hu``: body voxels where the input and the target differ by more than
+  100 HU (:data:`MOVING_THRESHOLD_HU`, about 10 standard deviations of a CT's noise, so
+  noise alone does not qualify), grown by 2 voxels (:data:`MOVING_DILATION_VOXELS`) so the
+  edges of what moves count as moving: the tissue that breathing displaced.
+* ``mae_static_hu``: the rest of the body. There the input is already right up to noise, so
+  a model must pass it through; an error above the baseline's is the model's own.
+
+A region with no voxel scores NaN (shown as nan; ``null`` in JSON).
+
 Each metric is also computed for the identity **baseline**: the input (the average CT)
 scored against the same target, so a reader can see whether the model beats doing nothing.
 """
@@ -51,16 +65,23 @@ RANGE_HU = (-1024.0, 3071.0)
 DATA_RANGE_HU = RANGE_HU[1] - RANGE_HU[0]  # 4095
 BODY_THRESHOLD_HU = -500.0
 SSIM_WIN_SIZE = 7  # skimage's default
-METRICS = ("mae_hu", "psnr_db", "ssim")  # always scored
+LUNG_THRESHOLD_HU = -400.0
+MOVING_THRESHOLD_HU = 100.0
+MOVING_DILATION_VOXELS = 2
+REGION_METRICS = ("mae_lungs_hu", "mae_moving_hu", "mae_static_hu")
+METRICS = ("mae_hu", "psnr_db", "ssim", *REGION_METRICS)  # always scored
 LPIPS_METRIC = "lpips"  # scored when an LpipsScorer is given (it needs weight files)
 # How each metric is named for people; "higher" says which direction is better.
 METRIC_LABELS = {
     "mae_hu": "MAE (HU) in body",
     "psnr_db": "PSNR (dB) in body",
     "ssim": "SSIM in body",
+    "mae_lungs_hu": "MAE (HU) in lungs",
+    "mae_moving_hu": "MAE (HU) where A and B differ (moving)",
+    "mae_static_hu": "MAE (HU) where A and B agree (static)",
     LPIPS_METRIC: "LPIPS in body box",
 }
-HIGHER_IS_BETTER = {"mae_hu": False, "psnr_db": True, "ssim": True, LPIPS_METRIC: False}
+HIGHER_IS_BETTER = {"mae_hu": False, "psnr_db": True, "ssim": True, LPIPS_METRIC: False, **dict.fromkeys(REGION_METRICS, False)}
 BASELINE_PREFIX = "baseline_"
 
 
@@ -82,6 +103,23 @@ def body_mask(target_hu: np.ndarray, threshold_hu: float = BODY_THRESHOLD_HU) ->
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
     return ndimage.binary_fill_holes(largest, structure=in_plane)
+
+
+def motion_regions(input_hu: np.ndarray, target_hu: np.ndarray, body: np.ndarray) -> dict[str, np.ndarray]:
+    """(X, Y, Z) bool masks inside ``body``: ``lungs``, ``moving`` and ``static`` (see the module docstring).
+
+    ``moving`` and ``static`` split the body in two; ``lungs`` overlaps both.
+    """
+    input_hu, target_hu = np.asarray(input_hu, dtype=np.float32), np.asarray(target_hu, dtype=np.float32)
+    differs = np.abs(np.clip(input_hu, *RANGE_HU) - np.clip(target_hu, *RANGE_HU)) > MOVING_THRESHOLD_HU
+    moving = ndimage.binary_dilation(differs & body, iterations=MOVING_DILATION_VOXELS) & body
+    return {"lungs": body & (target_hu < LUNG_THRESHOLD_HU), "moving": moving, "static": body & ~moving}
+
+
+def region_mae(volume_hu: np.ndarray, target_hu: np.ndarray, regions: dict[str, np.ndarray]) -> dict[str, float]:
+    """``mae_<region>_hu`` of a volume against its target for each mask of :func:`motion_regions`; NaN when empty."""
+    error = np.abs(np.clip(np.asarray(volume_hu, dtype=np.float64), *RANGE_HU) - np.clip(target_hu, *RANGE_HU))
+    return {f"mae_{name}_hu": float(error[mask].mean()) if mask.any() else float("nan") for name, mask in regions.items()}
 
 
 def ssim_win_size(shape: tuple[int, ...]) -> int:
@@ -158,8 +196,8 @@ def evaluate_patient(
         lpips_scorer: when given, LPIPS is scored too (``evaluation.perceptual.LpipsScorer``).
 
     Returns:
-        ``{"mae_hu", "psnr_db", "ssim", "baseline_mae_hu", "baseline_psnr_db", "baseline_ssim"}``,
-        plus ``"lpips"`` and ``"baseline_lpips"`` with ``lpips_scorer``.
+        ``{"mae_hu", "psnr_db", "ssim", "mae_lungs_hu", "mae_moving_hu", "mae_static_hu"}`` and
+        each of those prefixed ``baseline_``, plus ``"lpips"`` and ``"baseline_lpips"`` with ``lpips_scorer``.
 
     Raises:
         ValueError: as :func:`score_volume`, naming the input or generated volume when it is
@@ -170,6 +208,9 @@ def evaluate_patient(
     mask = body_mask(target_hu)
     generated = score_volume(generated_hu, target_hu, mask)
     baseline = score_volume(input_hu, target_hu, mask)
+    regions = motion_regions(input_hu, target_hu, mask)
+    generated.update(region_mae(generated_hu, target_hu, regions))
+    baseline.update(region_mae(input_hu, target_hu, regions))
     if lpips_scorer is not None:
         # The target's features are computed once for both volumes.
         generated[LPIPS_METRIC], baseline[LPIPS_METRIC] = lpips_scorer.score([generated_hu, input_hu], target_hu, mask)

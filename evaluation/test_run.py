@@ -46,9 +46,13 @@ from evaluation.metrics import (
     BASELINE_PREFIX,
     HIGHER_IS_BETTER,
     LPIPS_METRIC,
+    LUNG_THRESHOLD_HU,
     METRIC_LABELS,
     METRICS,
+    MOVING_DILATION_VOXELS,
+    MOVING_THRESHOLD_HU,
     RANGE_HU,
+    REGION_METRICS,
     evaluate_patient,
     summarise,
 )
@@ -62,12 +66,17 @@ logger = logging.getLogger(__name__)
 
 DISPLAY_WINDOW = HUWindow(*RANGE_HU)
 IMAGE_KINDS = ("input", "generated", "target")
-METRIC_FORMATS = {"mae_hu": "{:.1f}", "psnr_db": "{:.2f}", "ssim": "{:.4f}", LPIPS_METRIC: "{:.4f}"}
+METRIC_FORMATS = {"mae_hu": "{:.1f}", "psnr_db": "{:.2f}", "ssim": "{:.4f}", LPIPS_METRIC: "{:.4f}",
+                  **dict.fromkeys(REGION_METRICS, "{:.1f}")}
 METRIC_DESCRIPTIONS = {
     "mae_hu": "mean |generated - target| in the body mask",
     "psnr_db": "skimage peak_signal_noise_ratio over the body mask's voxels, data_range 4095 HU",
     "ssim": "skimage structural_similarity, 3D 7x7x7 uniform window, data_range 4095 HU, mean over the body mask",
     LPIPS_METRIC: "LPIPS v0.1 (AlexNet), axial slices of the body mask's bounding box mapped to [-1, 1], mean over slices",
+    "mae_lungs_hu": f"mean |generated - target| over body voxels whose target is below {LUNG_THRESHOLD_HU:g} HU",
+    "mae_moving_hu": f"mean |generated - target| where |input - target| > {MOVING_THRESHOLD_HU:g} HU, "
+    f"dilated by {MOVING_DILATION_VOXELS} voxels, in the body",
+    "mae_static_hu": "mean |generated - target| over the rest of the body (where the input is right up to noise)",
 }
 # Canonical affines of a registered pair agree to far better than this (mm).
 AFFINE_TOLERANCE_MM = 1e-3

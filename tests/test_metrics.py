@@ -14,6 +14,7 @@ from evaluation.metrics import (
     LPIPS_METRIC,
     METRIC_LABELS,
     body_mask,
+    motion_regions,
     evaluate_patient,
     score_volume,
     ssim_win_size,
@@ -130,10 +131,39 @@ def test_evaluate_patient_scores_the_model_and_the_identity_baseline():
     average = target + 30.0 * body_mask(target)
     generated = target + 10.0 * body_mask(target)
     row = evaluate_patient(average, generated, target)
-    assert set(row) == {"mae_hu", "psnr_db", "ssim", "baseline_mae_hu", "baseline_psnr_db", "baseline_ssim"}
+    scored = {"mae_hu", "psnr_db", "ssim", "mae_lungs_hu", "mae_moving_hu", "mae_static_hu"}
+    assert set(row) == scored | {"baseline_" + key for key in scored}
     assert row["mae_hu"] == pytest.approx(10.0) and row["baseline_mae_hu"] == pytest.approx(30.0)
     assert row["psnr_db"] > row["baseline_psnr_db"]
     assert row["ssim"] > row["baseline_ssim"]
+
+
+def test_region_mae_splits_the_body_into_what_moved_and_what_did_not():
+    """A 'lesion' present only in the target moves; the model fixes it but adds 6 HU where nothing moved."""
+    target = thorax((40, 40, 12))
+    body = body_mask(target)
+    average = target.copy()
+    lesion = np.zeros_like(body)
+    lesion[8:12, 18:22, 4:8] = True  # inside the left lung
+    target[lesion] = 30.0  # 880 HU above the lung around it: far above the 100 HU threshold
+    generated = target + 6.0 * (body & ~lesion)
+    row = evaluate_patient(average, generated, target)
+    regions = motion_regions(average, target, body)
+    # The moving region is the lesion grown by the dilation, inside the body; static is the rest.
+    assert regions["moving"][lesion].all() and regions["moving"].sum() > lesion.sum()
+    assert not (regions["moving"] & regions["static"]).any()
+    assert (regions["moving"] | regions["static"])[body].all()
+    assert row["baseline_mae_moving_hu"] > 100.0 and row["mae_moving_hu"] < row["baseline_mae_moving_hu"]
+    # Where nothing moved the input was exact: the model's own 6 HU show up there, and only there.
+    assert row["baseline_mae_static_hu"] == 0.0 and row["mae_static_hu"] == pytest.approx(6.0)
+    # The lungs are the target's air-filled tissue: the lesion is not in them, the added 6 HU are.
+    assert row["mae_lungs_hu"] == pytest.approx(6.0) and row["baseline_mae_lungs_hu"] == 0.0
+
+
+def test_an_empty_region_scores_nan():
+    target = thorax()
+    row = evaluate_patient(target, target, target)  # nothing differs: nothing moves
+    assert math.isnan(row["mae_moving_hu"]) and row["mae_static_hu"] == 0.0
 
 
 class RecordingLpips:

@@ -25,7 +25,8 @@ STEP7_FLAGS = """
     --epoch latest
 """.split()
 TEST_PATIENTS = ("patient_1", "patient_2")  # the phantom's testA/ (numbered from 1 in each split)
-METRIC_COLUMNS = ("mae_hu", "psnr_db", "ssim", "baseline_mae_hu", "baseline_psnr_db", "baseline_ssim")
+SCORES = ("mae_hu", "psnr_db", "ssim", "mae_lungs_hu", "mae_moving_hu", "mae_static_hu")
+METRIC_COLUMNS = (*SCORES, *(f"baseline_{m}" for m in SCORES))
 
 
 def run_test_py(tmp_path: Path, dataroot: Path, tiny_run: Path, *flags: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from evaluation.perceptual import LpipsScorer
 from evaluation.validation import describe_validation, find_validation_cases, validate
 from inference.volume import PhaseGenerator, load_generator
 
-SCORES = ("mae_hu", "psnr_db", "ssim")
+SCORES = ("mae_hu", "psnr_db", "ssim", "mae_lungs_hu", "mae_moving_hu", "mae_static_hu")
 KEYS = {*SCORES, *(f"baseline_{m}" for m in SCORES), "n_patients"}
 
 
