@@ -117,3 +117,42 @@ def cal_gradient_penalty(
     # The epsilon keeps the norm differentiable where a gradient is exactly zero.
     penalty = (((gradients + 1e-16).norm(2, dim=1) - constant) ** 2).mean() * lambda_gp
     return penalty, gradients
+
+
+# Air in the network's [-1, 1] scale: -500 HU in the fixed window (-1024..3071 HU). With
+# per-volume scaling (--intensity volume) air is still near -1 and tissue well above this,
+# so the same cut-off finds the body there too.
+BODY_THRESHOLD = 2 * (-500.0 + 1024.0) / 4095.0 - 1
+
+
+def body_region(target: torch.Tensor, threshold: float = BODY_THRESHOLD) -> torch.Tensor:
+    """(B, C, H, W) bool: pixels inside the body outline of each slice, lungs included.
+
+    Tissue is ``target > threshold``; a pixel is inside the body when tissue lies on both
+    sides of it along its row and along its column. That fills the lungs (air enclosed by
+    the chest wall) without a hole-filling pass, so it runs on the GPU with no host round
+    trip; concave outlines are filled only where both directions close them.
+    """
+    tissue = target > threshold
+
+    def between(mask: torch.Tensor, dim: int) -> torch.Tensor:
+        ahead = torch.cummax(mask.to(torch.uint8), dim=dim).values.bool()
+        behind = torch.cummax(mask.flip(dim).to(torch.uint8), dim=dim).values.flip(dim).bool()
+        return ahead & behind
+
+    return between(tissue, -1) & between(tissue, -2)
+
+
+class BodyL1Loss(nn.Module):
+    """``--l1_region body``: mean |fake - real| over the body of the target slice only.
+
+    Outside the body the target is air, which a residual generator passes through from the
+    start; averaging the L1 loss over the whole slice spends the loss's weight on those
+    pixels. A batch with no body pixel falls back to the whole slice.
+    """
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        weight = body_region(real).to(fake.dtype)
+        count = weight.sum()
+        error = (fake - real).abs()
+        return torch.where(count > 0, (error * weight).sum() / count.clamp(min=1), error.mean())

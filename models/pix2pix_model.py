@@ -1,8 +1,11 @@
 """``--model pix2pix``: a conditional GAN, G: A -> B, with an L1 term (Isola et al., 2017).
 
-Losses: ``G_GAN`` (fool D), ``G_L1`` (``lambda_L1 * |G(A) - B|``), ``D_real``, ``D_fake``; with
-``--gan_mode wgangp`` the discriminator loss adds a gradient penalty (``D_GP``). D judges
-the pair ``cat(A, B)`` in overlapping patches (70x70 for ``--netD basic``).
+Losses: ``G_GAN`` (``lambda_GAN`` times the loss of fooling D), ``G_L1`` (``lambda_L1 *
+|G(A) - B|``, over the whole slice or, with ``--l1_region body``, over the body only),
+``D_real``, ``D_fake``; with ``--gan_mode wgangp`` the discriminator loss adds a gradient
+penalty (``D_GP``). D judges the pair ``cat(A, B)`` in overlapping patches (70x70 for
+``--netD basic``). With ``--lambda_GAN 0`` the generator learns from L1 alone and D is
+neither run nor updated (its losses read 0), which saves its share of each step.
 
 Under torchrun the gradients of each network are averaged across processes after every
 backward pass (one all-reduce per network), so the networks are never wrapped and their
@@ -19,6 +22,7 @@ from torch import nn
 
 from models import MODELS
 from models.base_model import BaseModel
+from models.losses import BodyL1Loss
 from models.networks import GAN_MODES, GANLoss, cal_gradient_penalty, define_D, define_G
 
 
@@ -52,6 +56,10 @@ class Pix2PixModel(BaseModel):
             parser.add_argument("--gan_mode", default="vanilla", choices=GAN_MODES,
                                 help="vanilla: cross-entropy; lsgan: least squares; wgangp: Wasserstein with gradient penalty")
             parser.add_argument("--lambda_L1", type=float, default=100.0, help="weight of the L1 loss")
+            parser.add_argument("--lambda_GAN", type=float, default=1.0,
+                                help="weight of the generator's GAN loss; 0 trains G on L1 alone and skips D")
+            parser.add_argument("--l1_region", default="image", choices=("image", "body"),
+                                help="where the L1 loss is averaged: the whole slice, or the body of the target only")
             parser.add_argument("--lambda_gp", type=float, default=10.0, help="weight of the gradient penalty (wgangp)")
         return parser
 
@@ -75,7 +83,7 @@ class Pix2PixModel(BaseModel):
         if opt.gan_mode == "wgangp":
             self.loss_names.append("D_GP")
         self.criterionGAN = GANLoss(opt.gan_mode).to(device)
-        self.criterionL1 = nn.L1Loss()
+        self.criterionL1 = BodyL1Loss() if opt.l1_region == "body" else nn.L1Loss()
         self.optimizer_G = torch.optim.Adam(self.netG.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
         self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
         self.optimizers = [self.optimizer_G, self.optimizer_D]
@@ -101,14 +109,28 @@ class Pix2PixModel(BaseModel):
         self.loss_D.backward()
 
     def backward_G(self) -> None:
-        fake_AB = torch.cat((self.real_A, self.fake_B), 1)
-        self.loss_G_GAN = self.criterionGAN(self.netD(fake_AB), True)
+        if self.opt.lambda_GAN > 0:
+            fake_AB = torch.cat((self.real_A, self.fake_B), 1)
+            self.loss_G_GAN = self.criterionGAN(self.netD(fake_AB), True) * self.opt.lambda_GAN
+        else:
+            self.loss_G_GAN = self.fake_B.new_zeros(())
         self.loss_G_L1 = self.criterionL1(self.fake_B, self.real_B) * self.opt.lambda_L1
         self.loss_G = self.loss_G_GAN + self.loss_G_L1
         self.loss_G.backward()
 
     def optimize_parameters(self) -> None:
         self.forward()
+        if self.opt.lambda_GAN > 0:
+            self.update_D()
+        else:
+            self.loss_D_real = self.loss_D_fake = self.fake_B.new_zeros(())
+        self.optimizer_G.zero_grad(set_to_none=True)
+        self.backward_G()
+        self.check_finite_losses("G_GAN", "G_L1")
+        average_gradients(self.netG)
+        self.optimizer_G.step()
+
+    def update_D(self) -> None:
         set_requires_grad([self.netD], True)
         self.optimizer_D.zero_grad(set_to_none=True)
         self.backward_D()
@@ -116,8 +138,3 @@ class Pix2PixModel(BaseModel):
         average_gradients(self.netD)
         self.optimizer_D.step()
         set_requires_grad([self.netD], False)  # D is fixed while G learns
-        self.optimizer_G.zero_grad(set_to_none=True)
-        self.backward_G()
-        self.check_finite_losses("G_GAN", "G_L1")
-        average_gradients(self.netG)
-        self.optimizer_G.step()

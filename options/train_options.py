@@ -8,6 +8,7 @@ from pathlib import Path
 
 from models.networks import LR_POLICIES
 from options.base_options import BaseOptions, OptionsError, load_saved_options
+from options.presets import PRESETS
 from util.run_folder import CheckpointError, RunLock, checkpoint_label, holds_checkpoints, open_checkpoint
 
 # Flags a resumed run never takes from the saved run: they say where and what to resume,
@@ -57,6 +58,9 @@ class TrainOptions(BaseOptions):
                        help="skip up to N batches whose loss is NaN/Inf (default 0: the first one stops the run)")
 
         g = parser.add_argument_group("optimisation")
+        g.add_argument("--preset", choices=sorted(PRESETS),
+                       help="a measured training recipe (options/presets.py; phase0 is the README's recommendation): "
+                       "sets the defaults of its flags, which the command line can still change")
         g.add_argument("--n_epochs", type=int, default=100, help="epochs at the initial learning rate")
         g.add_argument("--n_epochs_decay", type=int, default=100, help="epochs over which the learning rate decays to zero")
         g.add_argument("--beta1", type=float, default=0.5, help="Adam momentum term")
@@ -66,6 +70,8 @@ class TrainOptions(BaseOptions):
         return parser
 
     def set_saved_defaults(self, parser: argparse.ArgumentParser, known: argparse.Namespace) -> None:
+        if known.preset:
+            parser.set_defaults(**PRESETS[known.preset])
         if not known.continue_train:
             return
         run_folder = Path(known.checkpoints_dir) / known.name

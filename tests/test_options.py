@@ -135,3 +135,15 @@ def test_explicit_flags_win_over_the_saved_ones(tmp_path, phantom_root):
         ["--dataroot", str(phantom_root), "--checkpoints_dir", str(tmp_path), "--name", "run", "--ngf", "16"]
     )
     assert opt.ngf == 16 and opt.netG == "unet_128"
+
+
+def test_a_preset_sets_its_flags_and_the_command_line_still_wins(phantom_root):
+    from options.presets import PRESETS
+
+    opt = parse_train("--preset phase0", phantom_root)
+    for flag, value in PRESETS["phase0"].items():
+        assert getattr(opt, flag) == value, flag
+    plain = parse_train("", phantom_root)
+    assert not plain.residual and plain.preset is None
+    changed = parse_train("--preset phase0 --lambda_L1 7 --intensity volume", phantom_root)
+    assert changed.lambda_L1 == 7.0 and changed.intensity == "volume" and changed.residual
