@@ -38,24 +38,24 @@ import nibabel as nib
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Each lever changes one thing of the recipe it names; "base" is the recipe it starts from.
+# Each lever "<base>/<change>" changes one thing of its base recipe (comments say what).
 RECIPES: dict[str, dict] = {
     # The reference document's Step-4 flags (its resolution and generator come from this
     # script's --resize_to/--netG, as for every recipe).
     "reference": {"flags": ["--lambda_L1", "50", "--lr", "0.0001"]},
     # The README demo's flags before this study.
     "demo": {"flags": ["--residual", "--lambda_L1", "1000", "--no_dropout", "--intensity", "hu"]},
-    "demo, no residual": {"base": "demo", "drop": ["--residual"]},
-    "demo, L1 x100": {"base": "demo", "set": {"--lambda_L1": "100"}},
-    "demo, no GAN (L1 only)": {"base": "demo", "add": ["--lambda_GAN", "0"]},
-    "demo, GAN x0.1": {"base": "demo", "add": ["--lambda_GAN", "0.1"]},
-    "demo, lsgan": {"base": "demo", "add": ["--gan_mode", "lsgan"]},
-    "demo, dropout": {"base": "demo", "drop": ["--no_dropout"]},
-    "demo, per-volume min..max": {"base": "demo", "set": {"--intensity": "volume"}},
-    "demo, 2.5D (1 slice each side)": {"base": "demo", "add": ["--context_slices", "1"]},
-    "demo, L1 in body only": {"base": "demo", "add": ["--l1_region", "body"]},
-    "demo, constant LR": {"base": "demo", "schedule": "constant"},
-    "demo, LR x5": {"base": "demo", "add": ["--lr", "0.001"]},
+    "demo/no-residual": {"base": "demo", "drop": ["--residual"]},
+    "demo/L1x100": {"base": "demo", "set": {"--lambda_L1": "100"}},
+    "demo/no-GAN": {"base": "demo", "add": ["--lambda_GAN", "0"]},
+    "demo/GANx0.1": {"base": "demo", "add": ["--lambda_GAN", "0.1"]},
+    "demo/lsgan": {"base": "demo", "add": ["--gan_mode", "lsgan"]},
+    "demo/dropout": {"base": "demo", "drop": ["--no_dropout"]},
+    "demo/per-volume": {"base": "demo", "set": {"--intensity": "volume"}},
+    "demo/2.5D": {"base": "demo", "add": ["--context_slices", "1"]},
+    "demo/L1-body": {"base": "demo", "add": ["--l1_region", "body"]},
+    "demo/constant-LR": {"base": "demo", "schedule": "constant"},
+    "demo/LRx5": {"base": "demo", "add": ["--lr", "0.001"]},
     # The recipe the README recommends: train.py --preset phase0 (options/presets.py).
     "recommended": {"flags": ["--preset", "phase0"]},
 }
