@@ -241,7 +241,17 @@ class RobustNiftiDataset(BaseDataset):
             for k in np.flatnonzero(a.usable & b.usable)
         ]
         if opt.max_dataset_size < len(self.samples):
-            self.samples = self.samples[: int(opt.max_dataset_size)]
+            kept = self.samples[: int(opt.max_dataset_size)]
+            logger.info(
+                "--max_dataset_size %d: using the first %d of %d valid slices, from %d of the %d volume pairs; "
+                "raise it or leave it out to use them all",
+                len(kept),
+                len(kept),
+                len(self.samples),
+                kept[-1][0] + 1,
+                len(self.report.pairs),
+            )
+            self.samples = kept
         self._reader = SliceReader()
 
     def summary_lines(self) -> list[str]:

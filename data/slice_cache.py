@@ -1,7 +1,25 @@
-"""An on-disk cache of normalised, resized slices, one entry per volume file.
+"""The slices the network sees: how a volume becomes them, and an on-disk cache of them.
 
-A volume is decoded once: its slices, already windowed, resized and in the network's
-[-1, 1] range, go to ``<cache_dir>/<folder>_<file stem>-<key>/slices.npy`` (float16, shape
+:class:`SlicePipeline` is the one preprocessing of training and inference. It turns a
+volume in HU into the network's inputs and maps the network's outputs back to HU:
+
+1. It cuts the volume along ``settings.slice_axis``: a canonical (X, Y, Z) volume becomes (N, H, W).
+2. NaN and -Inf voxels become the window's low end, and +Inf voxels its high end. A slice
+   that holds them is never a training sample, but it can still be a 2.5D neighbour.
+3. The window maps each slice to [0, 255] (``--intensity``: ``hu`` is the fixed window,
+   ``volume`` is the volume's own finite min..max).
+4. Each slice is resized to (S, S), bilinear, antialiased when shrinking.
+5. It is scaled to [-1, 1].
+
+The way back undoes these steps in reverse: resize to (H, W), map [-1, 1] to [0, 255]
+(clipped), invert the window to HU, and put the slices back in the (X, Y, Z) volume.
+The cache below stores :meth:`SlicePipeline.network_slices` as float16, and the data set
+serves each cached slice with its neighbours. Inference (inference/volume.py) feeds the
+generator :meth:`SlicePipeline.network_inputs`, the same values in float32.
+tests/test_slice_pipeline.py checks that the two sides match.
+
+A volume is decoded once: its network slices go to
+``<cache_dir>/<folder>_<file stem>-<key>/slices.npy`` (float16, shape
 ``(N, S, S)``, a plain .npy array that ``np.load(..., mmap_mode="r")`` maps), with
 ``entry.json`` describing them. Training and every DataLoader worker read slices from there
 (:class:`SliceReader`, a few at a time) without touching the NIfTI file again, so memory is
@@ -46,8 +64,8 @@ import numpy as np
 import torch
 
 from data.base_dataset import CacheError
-from data.intensity import HUWindow, pixels_to_network, window_for
-from data.slicing import resize_slices, volume_to_slices
+from data.intensity import HUWindow, network_to_pixels, pixels_to_network, window_for
+from data.slicing import context_indices, resize_slices, slices_to_volume, volume_to_slices
 from data.volume_io import VolumeError, read_volume, strip_nifti_suffix
 
 logger = logging.getLogger(__name__)
@@ -71,7 +89,7 @@ _NO_FALLOCATE = {errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno
 
 @dataclass(frozen=True)
 class SliceSettings:
-    """Every option that changes the cached slices of a volume."""
+    """Every option that changes a volume's network inputs, and so its cached slices."""
 
     slice_axis: str = "axial"
     resize_to: int = 512
@@ -91,10 +109,87 @@ class SliceSettings:
         )
 
     def key_fields(self) -> dict:
+        """The fields that change the slices, for a cache key."""
         fields = dataclasses.asdict(self)
         if self.intensity == "volume":  # the fixed window plays no part then
             fields.pop("hu_min"), fields.pop("hu_max")
         return fields
+
+
+@dataclass(frozen=True, eq=False)
+class SlicePipeline:
+    """One volume's slices on their way into the network and back, under one :class:`SliceSettings`.
+
+    Attributes:
+        settings: slice axis, size and intensity mapping.
+        window: the intensity window: the fixed one, or the volume's own min..max.
+        slices: (N, H, W) view of the volume in file units (HU), cut along ``settings.slice_axis``.
+    """
+
+    settings: SliceSettings
+    window: HUWindow
+    slices: np.ndarray
+
+    @classmethod
+    def for_volume(cls, volume: np.ndarray, settings: SliceSettings) -> SlicePipeline:
+        """The pipeline of a canonical (X, Y, Z) volume in file units (``read_volume``'s array).
+
+        Raises:
+            ValueError: ``settings.intensity == "volume"`` and the volume has no finite voxel
+                or is constant.
+        """
+        window = window_for(volume, settings.intensity, settings.hu_min, settings.hu_max)
+        return cls(settings, window, volume_to_slices(volume, settings.slice_axis))
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slices)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(S, S): the network's slice size."""
+        return (self.settings.resize_to, self.settings.resize_to)
+
+    def hu_slices(self, indices: slice | np.ndarray) -> np.ndarray:
+        """Slices ``indices`` as the window sees them: (n, H, W) float32 in file units, a copy,
+        with NaN and -Inf voxels set to the window's low end and +Inf voxels to its high end."""
+        lo, hi = self.window.lo_hu, self.window.hi_hu
+        return np.nan_to_num(self.slices[indices], nan=lo, posinf=hi, neginf=lo)
+
+    def network_slices(self, indices: slice | np.ndarray) -> np.ndarray:
+        """Slices ``indices`` as the network sees them: (n, S, S) float32 in [-1, 1].
+
+        A slice's values do not depend on which other slices are asked for with it: each
+        slice is resized on its own.
+        """
+        return pixels_to_network(resize_slices(self.window(self.hu_slices(indices)), self.size).numpy())
+
+    def network_inputs(self, centres: range | np.ndarray, context_slices: int) -> torch.Tensor:
+        """The generator's input for slices ``centres``: (B, 1+2K, S, S) float32 in [-1, 1].
+
+        Channel ``K`` holds the slice itself. Channels ``K - j`` and ``K + j`` hold its ``j``-th
+        neighbour below and above, with the edge slice repeated past the volume's ends.
+        Each slice that is needed is computed once. Memory grows with the batch, not with
+        the volume.
+        """
+        # (B, 1+2K): each centre's index with its K neighbours' on each side
+        indices = np.stack([context_indices(k, self.n_slices, context_slices) for k in centres])
+        needed, position = np.unique(indices, return_inverse=True)
+        inputs = torch.from_numpy(self.network_slices(needed))  # (U, S, S)
+        return inputs[torch.from_numpy(position.reshape(indices.shape))]
+
+    def to_hu(self, fake: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Network output (B, S, S) in [-1, 1] -> (B, H, W) float32 in file units, on the slices' grid.
+
+        Values outside [-1, 1] are clipped. Inside the window the inverse is exact with
+        ``intensity="hu"``. With ``"volume"``, the *input's* window is inverted.
+        """
+        height, width = self.slices.shape[1:]
+        return self.window.inverse(network_to_pixels(resize_slices(fake, (height, width)).numpy()))
+
+    def to_volume(self, slices: np.ndarray) -> np.ndarray:
+        """(N, H, W) slices, such as :meth:`to_hu`'s, -> the canonical (X, Y, Z) volume they came from."""
+        return slices_to_volume(slices, self.settings.slice_axis)
 
 
 @dataclass(frozen=True)
@@ -318,11 +413,9 @@ def cached_volume(
 def _build_entry(path: Path, settings: SliceSettings, folder: Path, key: str) -> CachedVolume:
     volume, meta = read_volume(path)
     try:
-        window = window_for(volume, settings.intensity, settings.hu_min, settings.hu_max)
+        pipeline = SlicePipeline.for_volume(volume, settings)
     except ValueError as err:
         raise VolumeError(path, str(err)) from err
-    raw = volume_to_slices(volume, settings.slice_axis)  # (N, H, W) view, in file units
-    size = (settings.resize_to, settings.resize_to)
 
     partial = folder.with_name(f"{folder.name}{PARTIAL_MARK}{socket.gethostname()}-{os.getpid()}")
     try:
@@ -330,18 +423,18 @@ def _build_entry(path: Path, settings: SliceSettings, folder: Path, key: str) ->
             _remove_abandoned_builds(folder)
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            finite, blank = _write_slices(partial / SLICES_FILE, raw, window, size)
+            finite, blank = _write_slices(partial / SLICES_FILE, pipeline)
             if not (finite & ~blank).any():
                 raise VolumeError(path, "no usable slice: every slice has NaN/Inf voxels or is constant")
             description = {
                 "format": CACHE_FORMAT,
                 "source": str(path.resolve()),
                 "key": key,
-                "n_slices": len(raw),
-                "slice_size": list(size),
+                "n_slices": pipeline.n_slices,
+                "slice_size": list(pipeline.size),
                 "canonical_shape": list(meta.canonical_shape),
                 "canonical_affine": meta.canonical_affine.tolist(),
-                "window": window.as_dict(),
+                "window": pipeline.window.as_dict(),
                 "finite": finite.tolist(),
                 "blank": blank.tolist(),
                 "settings": dataclasses.asdict(settings),
@@ -363,11 +456,9 @@ def _build_entry(path: Path, settings: SliceSettings, folder: Path, key: str) ->
     return entry
 
 
-def _write_slices(
-    path: Path, raw: np.ndarray, window: HUWindow, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Window and resize the slices ``raw`` (N, H, W) and write them to the new ``.npy`` file
-    ``path``, (N, S, S) float16, :data:`BUILD_CHUNK` slices at a time.
+def _write_slices(path: Path, pipeline: SlicePipeline) -> tuple[np.ndarray, np.ndarray]:
+    """Write the volume's network slices (:meth:`SlicePipeline.network_slices`) to the new
+    ``.npy`` file ``path``, (N, S, S) float16, :data:`BUILD_CHUNK` slices at a time.
 
     Written with ``write()``, never through a memory map: on a full disk a write fails with
     ENOSPC, where a store into a mapped page that has no disk block kills the process with
@@ -376,7 +467,7 @@ def _write_slices(
     Returns:
         ``(finite, blank)``: (N,) bool each, slice has only finite voxels / is constant.
     """
-    n_slices = len(raw)
+    n_slices, size = pipeline.n_slices, pipeline.size
     finite = np.empty(n_slices, dtype=bool)
     blank = np.empty(n_slices, dtype=bool)
     with open(path, "xb") as slices:
@@ -384,17 +475,15 @@ def _write_slices(
         _reserve_space(slices, len(header) + n_slices * size[0] * size[1] * 2)
         slices.write(header)
         for start in range(0, n_slices, BUILD_CHUNK):
-            # (c, H, W), contiguous; for sagittal slices a view, so the fix-up below edits
-            # our own copy of the volume, which is dropped afterwards.
-            block = np.ascontiguousarray(raw[start : start + BUILD_CHUNK])
-            stop = start + len(block)
-            finite[start:stop] = np.isfinite(block).all(axis=(1, 2))
-            if not finite[start:stop].all():
-                # Non-finite voxels become the window's ends so that the slice can still serve
-                # as a neighbour in 2.5D inputs; slices holding them are never training samples.
-                np.nan_to_num(block, copy=False, nan=window.lo_hu, posinf=window.hi_hu, neginf=window.lo_hu)
-            blank[start:stop] = block.max(axis=(1, 2)) <= block.min(axis=(1, 2))
-            network = pixels_to_network(resize_slices(window(block), size).numpy())
+            chunk = slice(start, min(start + BUILD_CHUNK, n_slices))
+            block = pipeline.slices[chunk]  # (c, H, W) view, in file units
+            finite[chunk] = np.isfinite(block).all(axis=(1, 2))
+            if not finite[chunk].all():
+                # A slice holding NaN/Inf is never a sample, but it can be a 2.5D neighbour, and
+                # then the network sees those voxels at the window's ends. Judge it as seen.
+                block = pipeline.hu_slices(chunk)
+            blank[chunk] = block.max(axis=(1, 2)) <= block.min(axis=(1, 2))
+            network = pipeline.network_slices(chunk)  # (c, S, S) float32
             # torch's cast to float16 is vectorised, numpy's is not
             slices.write(memoryview(torch.from_numpy(network).half().numpy()).cast("B"))
     return finite, blank

@@ -10,10 +10,16 @@ Output, in ``<results_dir>/<name>/<phase>_<epoch>/`` (``<epoch>`` is ``iter_<n>`
 ``--load_iter n``):
 
 * ``volumes/<patient>_phase0.nii.gz``: the generated volume on the input's grid (``--output_dtype``).
-* ``index.html`` and ``images/``: a metrics table at the top, then for each patient
-  ``--num_images`` evenly spaced slices along the model's slice axis, input, generated and
-  target side by side. Every PNG uses one fixed window, -1024..3071 HU (the range the metrics
-  clip to), so images are comparable across patients, models and ``--intensity`` modes.
+* ``index.html`` and ``images/``: a metrics table at the top, and the MAE split by region
+  (body, lungs, moving, static; see ``evaluation/metrics.py``), generated beside input
+  average; then for each patient its own region split, one coronal view (see
+  :func:`coronal_index`) and ``--num_images`` evenly spaced slices along the model's slice
+  axis. Each view is a grid: one row per display window (``--display_window``, by default
+  lung -1350..150 HU and soft tissue -160..240 HU) holding input, generated and target, then
+  a row of differences, generated - target and input - target, on one diverging colour scale
+  (+-500 HU, ``util/image.py``) with its colour bar. Pictures are resampled so that a pixel is
+  as tall as its voxel (in mm) is, e.g. a coronal view of 2.7 x 2.7 x 6 mm voxels is drawn
+  2.2 times taller than it has slices.
 * ``metrics.csv`` (one row per scored patient) and ``metrics.json`` (rows and summary), only
   when at least one patient has a target. Scores are of the volume as written (rounded to
   integer HU with ``--output_dtype int16``). ``--lpips`` adds LPIPS (``lpips``,
@@ -39,11 +45,11 @@ from pathlib import Path
 import numpy as np
 
 from data.base_dataset import DatasetError
-from data.intensity import HUWindow
-from data.slicing import slice_for_display, volume_to_slices
+from data.slicing import SLICE_AXES, slice_for_display, volume_to_slices
 from data.volume_io import VolumeError, VolumeMeta, is_nifti_path, read_volume, strip_nifti_suffix, write_volume
 from evaluation.metrics import (
     BASELINE_PREFIX,
+    BODY_THRESHOLD_HU,
     HIGHER_IS_BETTER,
     LPIPS_METRIC,
     LUNG_THRESHOLD_HU,
@@ -59,15 +65,45 @@ from evaluation.metrics import (
 from evaluation.perceptual import LpipsScorer
 from inference.volume import PhaseGenerator, load_generator
 from util import run_folder
-from util.html import HTML
-from util.image import save_png
+from util.html import HTML, ImageCell
+from util.image import (
+    COLOUR_BAR_WIDTH,
+    DEFAULT_DISPLAY_WINDOWS,
+    DIFFERENCE_RANGE_HU,
+    DisplayWindow,
+    colour_bar,
+    difference_to_rgb,
+    display_spacing_mm,
+    parse_display_windows,
+    save_png,
+)
 
 logger = logging.getLogger(__name__)
 
-DISPLAY_WINDOW = HUWindow(*RANGE_HU)
 IMAGE_KINDS = ("input", "generated", "target")
-METRIC_FORMATS = {"mae_hu": "{:.1f}", "psnr_db": "{:.2f}", "ssim": "{:.4f}", LPIPS_METRIC: "{:.4f}",
-                  **dict.fromkeys(REGION_METRICS, "{:.1f}")}
+# The difference maps: each of these kinds minus the target, in HU.
+DIFFERENCE_KINDS = ("generated", "input")
+COLOUR_BAR_PNG = "difference_colour_bar.png"
+BODY_DEFINITION = f"target > {BODY_THRESHOLD_HU:g} HU, largest connected component, holes filled per axial slice"
+# The MAE split of the page: (region, metric, which voxels), as evaluation/metrics.py defines them.
+REGIONS = (
+    ("body", "mae_hu", f"the body: {BODY_DEFINITION}"),
+    ("lungs", "mae_lungs_hu", f"body voxels whose target is below {LUNG_THRESHOLD_HU:g} HU"),
+    (
+        "moving",
+        "mae_moving_hu",
+        f"body voxels where |input - target| > {MOVING_THRESHOLD_HU:g} HU, grown by "
+        f"{MOVING_DILATION_VOXELS} voxels: what breathing moved",
+    ),
+    ("static", "mae_static_hu", "the rest of the body: there the input is already right up to noise"),
+)
+METRIC_FORMATS = {
+    "mae_hu": "{:.1f}",
+    "psnr_db": "{:.2f}",
+    "ssim": "{:.4f}",
+    LPIPS_METRIC: "{:.4f}",
+    **dict.fromkeys(REGION_METRICS, "{:.1f}"),
+}
 METRIC_DESCRIPTIONS = {
     "mae_hu": "mean |generated - target| in the body mask",
     "psnr_db": "skimage peak_signal_noise_ratio over the body mask's voxels, data_range 4095 HU",
@@ -83,6 +119,14 @@ AFFINE_TOLERANCE_MM = 1e-3
 
 
 @dataclass
+class SliceView:
+    """The pictures of one slice, as the page shows them: one row per display window, then differences."""
+
+    title: str  # e.g. "axial slice 6 of 12"
+    rows: list[tuple[str, list[ImageCell]]]  # (row label, pictures)
+
+
+@dataclass
 class PatientResult:
     """One generated volume and what was shown and scored of it."""
 
@@ -91,7 +135,7 @@ class PatientResult:
     output_path: Path
     target_path: Path | None
     metrics: dict[str, float] | None  # evaluate_patient's keys; None without a target
-    images: list[tuple[int, list[str]]] = field(default_factory=list)  # (slice, PNG names in IMAGE_KINDS order)
+    views: list[SliceView] = field(default_factory=list)  # the coronal view, then the slices along the model's axis
 
 
 @dataclass
@@ -147,6 +191,16 @@ def find_test_volumes(dataroot: Path, phase: str, num_test: int) -> list[tuple[P
     inputs = sorted(p for p in folder_a.iterdir() if is_nifti_path(p.name) and not p.name.startswith("."))
     if not inputs:
         raise DatasetError(f"{folder_a}: no .nii or .nii.gz files")
+    if len(inputs) > num_test:
+        logger.info(
+            "--num_test %d: testing the first %d of the %d volumes in %s (by name), %d left out; "
+            "raise --num_test to test them all",
+            num_test,
+            num_test,
+            len(inputs),
+            folder_a,
+            len(inputs) - num_test,
+        )
     if not folder_b.is_dir():
         logger.info("%s not found: volumes are generated but not scored", folder_b)
         return [(path, None) for path in inputs[:num_test]]
@@ -174,6 +228,30 @@ def display_slices(n_slices: int, num_images: int) -> list[int]:
     return [int((i + 0.5) * n_slices / num_images) for i in range(num_images)]
 
 
+def display_windows(opt: argparse.Namespace) -> list[DisplayWindow]:
+    """The CT windows the pictures are shown in: ``--display_window`` (lung and soft tissue by default)."""
+    return parse_display_windows(getattr(opt, "display_window", DEFAULT_DISPLAY_WINDOWS))
+
+
+def coronal_index(volume: np.ndarray, target: np.ndarray | None) -> tuple[int, str]:
+    """The coronal slice (canonical Y index) that the page shows, and why, in words.
+
+    With a target: the slice where input and target differ most (largest sum of |A - B| over
+    the slice). Breathing moves the diaphragm and what lies on it up and down, so that slice
+    cuts through the diaphragm where it moves most. Without one: the slice through the body's
+    centre (the mean Y of the voxels above -500 HU), or the middle slice if there is none.
+    """
+    if target is not None:
+        difference = np.abs(np.nan_to_num(volume - target)).sum(axis=(0, 2))  # (Y,)
+        if difference.max() > 0:
+            return int(difference.argmax()), "where input and target differ most (through the moving diaphragm)"
+    body = np.flatnonzero((volume > BODY_THRESHOLD_HU).sum(axis=(0, 2)))
+    if body.size == 0:
+        return volume.shape[1] // 2, "the middle slice"
+    weights = (volume > BODY_THRESHOLD_HU).sum(axis=(0, 2))[body]
+    return int(np.rint(np.average(body, weights=weights))), "through the body's centre"
+
+
 def run_test(opt: argparse.Namespace) -> TestReport:
     """Generate, score and show the test volumes that ``opt`` names (see the module docstring).
 
@@ -192,6 +270,7 @@ def run_test(opt: argparse.Namespace) -> TestReport:
     volumes_dir = web_dir / "volumes"
     volumes_dir.mkdir(parents=True, exist_ok=True)
     page = HTML(web_dir, title=f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {checkpoint}")
+    save_png(colour_bar(), page.img_dir / COLOUR_BAR_PNG)
     skip_corrupted = getattr(opt, "skip_corrupted", False)
 
     metric_names = (*METRICS, LPIPS_METRIC) if lpips_scorer is not None else METRICS
@@ -259,18 +338,63 @@ def _test_one(
             raise VolumeError(target_path, f"cannot be scored ({err})") from err
     output_path = write_volume(volumes_dir / f"{patient}_phase0.nii.gz", generated, meta, dtype=opt.output_dtype)
 
+    windows = display_windows(opt)
+    volumes = {kind: v for kind, v in zip(IMAGE_KINDS, (volume, generated, target)) if v is not None}
+    y, why = coronal_index(volume, target)
+    title = f"coronal slice {y} of {volume.shape[1]}, {why}"
+    views = [picture_view(volumes, "coronal", y, title, patient, f"coronal{y:03d}", meta.spacing_mm, windows, img_dir)]
     axis = generator.settings.slice_axis
-    stacks = [volume_to_slices(v, axis) for v in (volume, generated, target) if v is not None]  # (N, H, W) each
-    images = []
-    for k in display_slices(stacks[0].shape[0], opt.num_images):
-        names = []
-        for kind, stack in zip(IMAGE_KINDS, stacks):
-            name = f"{patient}_slice{k:03d}_{kind}.png"
-            pixels = np.rint(DISPLAY_WINDOW(slice_for_display(stack[k], axis))).astype(np.uint8)
-            save_png(pixels, img_dir / name)
-            names.append(name)
-        images.append((k, names))
-    return PatientResult(patient, input_path, output_path, target_path, metrics, images)
+    n_slices = volume.shape[SLICE_AXES[axis]]
+    for k in display_slices(n_slices, opt.num_images):
+        title = f"{axis} slice {k} of {n_slices}"
+        views.append(picture_view(volumes, axis, k, title, patient, f"slice{k:03d}", meta.spacing_mm, windows, img_dir))
+    return PatientResult(patient, input_path, output_path, target_path, metrics, views)
+
+
+def picture_view(
+    volumes: dict[str, np.ndarray],
+    slice_axis: str,
+    index: int,
+    title: str,
+    patient: str,
+    stem: str,
+    spacing_mm: tuple[float, float, float],
+    windows: list[DisplayWindow],
+    img_dir: Path,
+) -> SliceView:
+    """Write the PNGs of slice ``index`` along ``slice_axis`` and say how the page lays them out.
+
+    Args:
+        volumes: ``{"input": ..., "generated": ..., "target": ...}`` canonical (X, Y, Z) HU;
+            without a target, no difference row.
+        stem: the pictures' file names start ``<patient>_<stem>_``.
+        spacing_mm: the voxel size along X, Y, Z: pictures are stretched to their true shape.
+    """
+    row_mm, column_mm = display_spacing_mm(spacing_mm, slice_axis)
+    # (H, W) HU each, in display orientation
+    slices = {
+        kind: slice_for_display(volume_to_slices(v, slice_axis)[index], slice_axis) for kind, v in volumes.items()
+    }
+    where = f"{patient} {slice_axis} slice {index}"
+    rows = []
+    for window in windows:
+        cells = []
+        for kind, image in slices.items():
+            name = f"{patient}_{stem}_{kind}_{window.key}.png"
+            save_png(window(image), img_dir / name, height_scale=row_mm / column_mm)
+            cells.append(ImageCell(name, f"{where}: {kind}"))
+        rows.append((window.label, cells))
+    if "target" in slices:
+        cells = []
+        for kind in DIFFERENCE_KINDS:
+            name = f"{patient}_{stem}_{kind}_minus_target.png"
+            save_png(
+                difference_to_rgb(slices[kind] - slices["target"]), img_dir / name, height_scale=row_mm / column_mm
+            )
+            cells.append(ImageCell(name, f"{where}: {kind} - target"))
+        cells.append(ImageCell(COLOUR_BAR_PNG, "colour key", width=COLOUR_BAR_WIDTH))
+        rows.append((f"difference, HU (colour scale ±{DIFFERENCE_RANGE_HU:g})", cells))
+    return SliceView(title, rows)
 
 
 def read_pair(input_path: Path, target_path: Path | None) -> tuple[np.ndarray, VolumeMeta, np.ndarray | None]:
@@ -342,7 +466,7 @@ def _write_metrics(report: TestReport, rows: list[dict]) -> None:
         "checkpoint": report.checkpoint,
         "metrics": {
             "range_hu": list(RANGE_HU),
-            "mask": "target > -500 HU, largest connected component, holes filled per axial slice",
+            "mask": BODY_DEFINITION,
             **{metric: METRIC_DESCRIPTIONS[metric] for metric in report.metric_names},
             "baseline": "the input (average CT) scored against the same target",
         },
@@ -392,16 +516,54 @@ def _write_page(page: HTML, report: TestReport, opt: argparse.Namespace) -> None
         page.add_text(f"No target in {opt.phase}B/, generated but not scored: {', '.join(without)}")
     for path, reason in report.skipped:
         page.add_text(f"Skipped {path}: {reason}")
+    if report.summary is not None:
+        n = report.summary["mae_hu"]["n"]
+        page.add_header(f"Where the model helps and where it hurts: MAE (HU) by region, mean ± std over {n} patient(s)")
+        page.add_table_rows(*_region_table(lambda key: report.summary[key], _mean_std))
+    windows = display_windows(opt)
     page.add_text(
-        f"Images: {report.slice_axis} slices in the fixed window {RANGE_HU[0]:g}..{RANGE_HU[1]:g} HU. "
+        f"Pictures: one coronal slice per patient, then {report.slice_axis} slices, each shown in the "
+        + " and the ".join(w.label for w in windows)
+        + " (--display_window picks others: lung, soft_tissue, bone, full, or two numbers in HU). "
+        f"Differences in HU, generated - target and input - target, on one colour scale: blue where the picture is "
+        f"darker (lower HU) than the target, white where they agree, red where it is brighter; saturated beyond "
+        f"±{DIFFERENCE_RANGE_HU:g} HU. Pixels are drawn as tall as their voxels are in mm. "
         f"Volumes: {report.web_dir / 'volumes'}"
     )
     for result in report.patients:
         page.add_header(result.patient + ("" if result.metrics is not None else " (no target)"))
-        for k, names in result.images:
-            captions = [f"{result.patient} slice {k}: {kind}" for kind in IMAGE_KINDS[: len(names)]]
-            page.add_images(names, captions, names, width=opt.display_winsize)
+        if result.metrics is not None:
+            page.add_table_rows(*_region_table(lambda key, r=result: r.metrics[key], _format))
+        for view in result.views:
+            page.add_text(f"{result.patient}, {view.title}")
+            page.add_image_grid(view.rows, width=opt.display_winsize)
     page.save()
+
+
+def _region_table(value, show) -> tuple[list[str], list[list[str]]]:
+    """The page's "region | voxels | generated | input average | change" table.
+
+    Args:
+        value: metric key -> what ``show`` formats (a patient's number, or the summary's stats).
+        show: ``(metric, value) -> str``.
+    """
+    header = ["region", "voxels", "MAE (HU) generated", "MAE (HU) input average", "generated vs input average"]
+    rows = []
+    for region, metric, voxels in REGIONS:
+        ours, baseline = value(metric), value(BASELINE_PREFIX + metric)
+        rows.append([region, voxels, show(metric, ours), show(metric, baseline), _change(ours, baseline)])
+    return header, rows
+
+
+def _change(ours, baseline) -> str:
+    """``"48% lower (better)"``: the generated MAE relative to the input average's."""
+    ours, baseline = (v["mean"] if isinstance(v, dict) else v for v in (ours, baseline))
+    if not (math.isfinite(ours) and math.isfinite(baseline)) or baseline == 0:
+        return "-"
+    change = (ours - baseline) / baseline * 100
+    if abs(change) < 0.5:
+        return "the same"
+    return f"{abs(change):.0f}% {'lower (better)' if change < 0 else 'higher (worse)'}"
 
 
 def _format(metric: str, value: float) -> str:

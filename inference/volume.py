@@ -4,13 +4,14 @@ A trained run folder (``<checkpoints_dir>/<name>/``) describes itself: ``train_o
 says which generator, norm, channels, slice axis, size and intensity window the model was
 trained with, so :func:`load_generator` rebuilds it from the folder alone.
 
-:meth:`PhaseGenerator.translate` takes a canonical (X, Y, Z) volume in HU, cuts it into
-slices along the training slice axis, normalises them exactly as training did, resizes
-them to the model's size, runs the generator in batches, resizes back, maps the output to
-HU and reassembles the volume on the input's grid. Intensities go back to HU through the
-inverse of the window: exact (inside the window) with ``--intensity hu``; with
-``--intensity volume`` the *input's* min..max window is inverted, an approximation where
-the target's range differs from the input's.
+:meth:`PhaseGenerator.translate` takes a canonical (X, Y, Z) volume in HU and turns it into
+the generator's inputs with the slice cache's own preprocessing
+(:class:`~data.slice_cache.SlicePipeline`: cut along the training slice axis, window,
+resize to the model's size). It runs the generator in batches, then resizes the output
+back, maps it to HU and reassembles the volume on the input's grid. Intensities go back
+to HU through the inverse of the window. With ``--intensity hu`` this is exact inside
+the window. With ``--intensity volume`` the *input's* min..max window is inverted, which
+is an approximation where the target's range differs from the input's.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.intensity import HUWindow, network_to_pixels, pixels_to_network, window_for
-from data.slice_cache import SliceSettings
-from data.slicing import context_indices, resize_slices, slice_for_display, slices_to_volume, volume_to_slices
+from data.intensity import HUWindow
+from data.slice_cache import SlicePipeline, SliceSettings
+from data.slicing import slice_for_display, volume_to_slices
 from data.volume_io import VolumeError, read_volume, strip_nifti_suffix, write_volume
 from models.base_model import load_state_dict_file
 from models.networks import define_G
@@ -94,29 +95,17 @@ class PhaseGenerator:
         Raises:
             ValueError: the volume has no finite voxels, or (``--intensity volume``) is constant.
         """
-        window = window_for(volume, self.settings.intensity, self.settings.hu_min, self.settings.hu_max)
-        raw = volume_to_slices(volume, self.settings.slice_axis)  # (N, H, W) in HU, a view
-        n_slices, height, width = raw.shape
-        size = (self.settings.resize_to, self.settings.resize_to)
-
-        output = np.empty((n_slices, height, width), dtype=np.float32)
-        for start in range(0, n_slices, batch_size):
-            stop = min(start + batch_size, n_slices)
-            # (B, 1+2K): each slice's index with its K neighbours' on each side. Only the
-            # slices a batch needs are normalised and resized, so memory grows with the
-            # batch, not with the volume.
-            indices = np.stack([context_indices(k, n_slices, self.context_slices) for k in range(start, stop)])
-            needed, position = np.unique(indices, return_inverse=True)
-            pixels = window(np.nan_to_num(raw[needed], nan=window.lo_hu, posinf=window.hi_hu, neginf=window.lo_hu))
-            inputs = torch.from_numpy(pixels_to_network(resize_slices(pixels, size).numpy()))  # (U, S, S)
-            batch = inputs[torch.from_numpy(position.reshape(indices.shape))]  # (B, 1+2K, S, S)
+        pipeline = SlicePipeline.for_volume(volume, self.settings)
+        output = np.empty(pipeline.slices.shape, dtype=np.float32)  # (N, H, W) in HU
+        for start in range(0, pipeline.n_slices, batch_size):
+            stop = min(start + batch_size, pipeline.n_slices)
+            batch = pipeline.network_inputs(range(start, stop), self.context_slices)  # (B, 1+2K, S, S)
             fake = self.net(batch.to(self.device)).float().cpu()[:, 0]  # (B, S, S) in [-1, 1]
             if not bool(torch.isfinite(fake).all()):
                 raise ValueError(f"the network's output holds NaN/Inf (slices {start}..{stop - 1}): "
                                  f"the model {self.weights or ''} is broken; use another checkpoint")
-            fake_pixels = network_to_pixels(resize_slices(fake, (height, width)).numpy())
-            output[start:stop] = window.inverse(fake_pixels)
-        return slices_to_volume(output, self.settings.slice_axis), window
+            output[start:stop] = pipeline.to_hu(fake)
+        return pipeline.to_volume(output), pipeline.window
 
 
 def load_generator(

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from options.base_options import BaseOptions, OptionsError, load_saved_options, saved_model_defaults
+from util.image import add_display_window_argument
 
 
 class TestOptions(BaseOptions):
@@ -20,6 +21,7 @@ class TestOptions(BaseOptions):
         g.add_argument("--eval", action="store_true", help="kept for pix2pix compatibility: networks always run in eval mode here")
         g.add_argument("--num_test", type=int, default=50, help="how many patients (volumes) to test")
         g.add_argument("--num_images", type=int, default=5, help="slices per patient shown on the HTML page (metrics use all)")
+        add_display_window_argument(g, "the results page")
         g.add_argument("--output_dtype", default="int16", choices=("int16", "float32"), help="data type of the written volumes")
         g.add_argument("--lpips", action="store_true",
                        help="also score LPIPS (slow on a CPU); needs torchvision's AlexNet weights in "

@@ -9,6 +9,7 @@ from pathlib import Path
 from models.networks import LR_POLICIES
 from options.base_options import BaseOptions, OptionsError, load_saved_options
 from options.presets import PRESETS
+from util.image import add_display_window_argument
 from util.run_folder import CheckpointError, RunLock, checkpoint_label, holds_checkpoints, open_checkpoint
 
 # Flags a resumed run never takes from the saved run: they say where and what to resume,
@@ -32,6 +33,7 @@ class TrainOptions(BaseOptions):
         g.add_argument("--update_html_freq", type=int, default=1000, help="save training images to the HTML page every N iterations")
         g.add_argument("--print_freq", type=int, default=100, help="print and log losses every N iterations")
         g.add_argument("--no_html", action="store_true", help="do not write <checkpoints_dir>/<name>/web/")
+        add_display_window_argument(g, "the training page (with --intensity hu)")
         g.add_argument("--log_dir", default="./logs", help="train_log_YYYYMMDD_HHMMSS.txt goes here")
 
         g = parser.add_argument_group("saving and resuming")

@@ -56,6 +56,7 @@ def run_batch(tiny_run: Path, input_dir: Path, output_dir: Path, *flags: str) ->
     return run_cli(batch_process_patients.main, batch_process_patients.get_args_parser(), argv)
 
 
+@pytest.mark.slow
 def test_batch_goes_past_a_corrupt_file_and_resumes(tmp_path, tiny_run, patient_data, capsys):
     output_dir = tmp_path / "processed_results"
     # The reference's "Batch Processing" command, run as a user runs it.

@@ -45,6 +45,7 @@ REFERENCE_SNIPPET = textwrap.dedent("""
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_reference_export_snippet_runs_on_cpu(tmp_path):
     """A checkpoint as the reference's training command leaves it (unet_512, ngf 64, instance
     norm, dropout on: dropout has no weights, so the snippet's use_dropout=False still fits)."""
@@ -86,6 +87,7 @@ def exported(tmp_path_factory, tiny_run) -> tuple[Path, subprocess.CompletedProc
     return output_dir, result
 
 
+@pytest.mark.slow
 def test_export_model_writes_both_formats_and_checks_them(exported, tiny_run):
     output_dir, result = exported
     assert result.returncode == 0, result.stderr

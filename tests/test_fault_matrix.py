@@ -234,6 +234,7 @@ def test_a_cache_removed_while_training_reads_it_stops_with_one_clear_error(root
     assert len(again) == GOOD_SLICES and again.report.built == 4
 
 
+@pytest.mark.slow  # its DataLoader worker takes ~5 s to shut down afterwards
 def test_a_cache_removed_under_dataloader_workers_is_still_one_line(root):
     ds = load(root, skip=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=ds.collate_fn)
@@ -326,6 +327,7 @@ def root_with_corrupt_file(root) -> tuple[Path, Path]:
     return root, bad
 
 
+@pytest.mark.slow
 def test_train_stops_with_one_line_naming_the_corrupt_file(root_with_corrupt_file):
     root, bad = root_with_corrupt_file
     done = train(root)
@@ -336,6 +338,7 @@ def test_train_stops_with_one_line_naming_the_corrupt_file(root_with_corrupt_fil
     assert not (root / "checkpoints" / "run" / "latest_net_G.pth").exists()
 
 
+@pytest.mark.slow
 def test_train_skips_the_corrupt_file_and_trains(root_with_corrupt_file):
     root, bad = root_with_corrupt_file
     done = train(root, "--skip_corrupted")

@@ -188,6 +188,7 @@ MATCHES_LPIPS_PACKAGE = textwrap.dedent(
     importlib.util.find_spec("lpips") is None or importlib.util.find_spec("torchvision") is None,
     reason="the lpips package (and torchvision) are not installed",
 )
+@pytest.mark.slow
 def test_distances_match_the_lpips_package():
     result = subprocess.run(
         [sys.executable, "-c", MATCHES_LPIPS_PACKAGE.format(repo=str(REPO))],

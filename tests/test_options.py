@@ -100,12 +100,14 @@ def test_bad_values_stop_with_one_line_before_any_data_is_read(tmp_path, phantom
     assert not (tmp_path / "cache").exists(), "no data may be read before the options are valid"
 
 
+@pytest.mark.slow
 def test_the_script_prints_one_line_and_exits_2_on_a_bad_value(tmp_path, phantom_root):
     result = run_script("train.py", "--dataroot", phantom_root, "--gpu_ids", "-1", "--netG", "unet_512", "--resize_to", "256", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "--resize_to 256 does not fit --netG unet_512" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_dataroot_is_named(tmp_path):
     result = run_script("train.py", "--dataroot", tmp_path / "nowhere", "--gpu_ids", "-1", cwd=tmp_path)
     assert result.returncode == 2

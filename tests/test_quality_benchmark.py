@@ -6,10 +6,12 @@ import json
 import math
 import sys
 
+import pytest
+
 from tests.conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import quality  # noqa: E402
+import quality
 
 
 def test_each_lever_changes_one_thing_of_its_base():
@@ -32,6 +34,7 @@ def test_the_reference_recipe_is_the_reference_step_4_loss_and_rate():
     assert "--residual" not in flags and "--preset" not in flags
 
 
+@pytest.mark.slow
 def test_smoke_run_scores_both_recipes_beside_the_input(tmp_path, phantom_root):
     out = tmp_path / "quality.json"
     result = run_script("benchmarks/quality.py", "--smoke", "--dataroot", phantom_root, "--ngf", "4", "--ndf", "4",

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_SHAPE, run_script
+from conftest import TINY_SHAPE, TINY_SPACING_MM, run_script
+from PIL import Image
 
 from data.volume_io import new_volume_meta, read_volume, write_volume
+from evaluation.test_run import COLOUR_BAR_PNG
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +29,9 @@ STEP7_FLAGS = """
 TEST_PATIENTS = ("patient_1", "patient_2")  # the phantom's testA/ (numbered from 1 in each split)
 SCORES = ("mae_hu", "psnr_db", "ssim", "mae_lungs_hu", "mae_moving_hu", "mae_static_hu")
 METRIC_COLUMNS = (*SCORES, *(f"baseline_{m}" for m in SCORES))
+# One view (the coronal one, or one slice) of a patient with a target: input, generated and
+# target in each of the two default windows, then two difference maps and the colour bar.
+PICTURES_PER_VIEW = 3 * 2 + 2 + 1
 
 
 def run_test_py(tmp_path: Path, dataroot: Path, tiny_run: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -44,11 +49,12 @@ def page_folder(tmp_path: Path) -> Path:
 
 
 class LinkParser(HTMLParser):
-    """Collects ``<img src>`` and ``<a href>`` values and the text of the page."""
+    """Collects ``<img src>`` and ``<a href>`` values, the text of the page and its table rows."""
 
     def __init__(self):
         super().__init__()
-        self.images, self.links, self.text = [], [], []
+        self.images, self.links, self.text, self.rows = [], [], [], []
+        self._cell = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -56,9 +62,20 @@ class LinkParser(HTMLParser):
             self.images.append(attrs["src"])
         elif tag == "a":
             self.links.append(attrs["href"])
+        elif tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append(" ".join(self._cell).strip())
+            self._cell = None
 
     def handle_data(self, data):
         self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
 
 
 def parse_page(path: Path) -> LinkParser:
@@ -93,15 +110,54 @@ def test_step7_command_writes_volumes_page_and_metrics(step7_run, phantom_root):
 def test_page_references_only_existing_images(step7_run):
     _, folder = step7_run
     page = parse_page(folder / "index.html")
-    # --num_images 1: one slice per patient, input | generated | target
-    assert len(page.images) == 3 * len(TEST_PATIENTS)
+    # --num_images 1: per patient the coronal view and one axial slice
+    assert len(page.images) == 2 * PICTURES_PER_VIEW * len(TEST_PATIENTS)
     for src in page.images + page.links:
         assert (folder / src).is_file(), src
     text = " ".join(page.text)
     for patient in TEST_PATIENTS:
-        for kind in ("input", "generated", "target"):
-            assert f"{patient} slice 6: {kind}" in text  # the middle of 12 slices
+        for kind in ("input", "generated", "target", "generated - target", "input - target"):
+            assert f"{patient} axial slice 6: {kind}" in text  # the middle of 12 slices
+        assert f"{patient} coronal slice " in text
     assert "mean ± std" in text
+
+
+def test_page_names_its_windows_and_shows_the_difference_scale(step7_run):
+    _, folder = step7_run
+    text = " ".join(parse_page(folder / "index.html").text)
+    assert "lung window -1350..150 HU" in text and "soft-tissue window -160..240 HU" in text
+    assert "difference, HU (colour scale ±500)" in text and "blue where the picture is darker" in text
+    # The coronal view is the one where input and target differ most, and says so.
+    assert "where input and target differ most" in text
+    bar = Image.open(folder / "images" / COLOUR_BAR_PNG).convert("RGB")
+    assert len(bar.getcolors(maxcolors=bar.width * bar.height)) > 50  # a gradient, not a blank
+
+
+def test_pictures_keep_the_voxels_aspect_ratio(step7_run):
+    _, folder = step7_run
+    x, y, z = TINY_SHAPE
+    sx, _, sz = TINY_SPACING_MM  # 5.5 x 5.5 x 10 mm: a coronal picture is drawn 10 / 5.5 times taller
+    axial = Image.open(folder / "images" / "patient_1_slice006_input_lung.png")
+    assert axial.size == (x, y)
+    (coronal,) = (folder / "images").glob("patient_1_coronal*_input_lung.png")
+    assert Image.open(coronal).size == (x, round(z * sz / sx))
+
+
+def test_page_shows_the_mae_by_region_beside_the_input_average(step7_run):
+    _, folder = step7_run
+    page = parse_page(folder / "index.html")
+    assert "Where the model helps and where it hurts" in " ".join(page.text)
+    regions = [row for row in page.rows if row and row[0] in ("body", "lungs", "moving", "static")]
+    # The mean over patients first, then each patient's, in the page's order.
+    assert [row[0] for row in regions] == ["body", "lungs", "moving", "static"] * (1 + len(TEST_PATIENTS))
+    assert "whose target is below -400 HU" in regions[1][1] and "|input - target| > 100 HU" in regions[2][1]
+    assert all(" ± " in cell for row in regions[:4] for cell in row[2:4])
+    metrics = ("mae_hu", "mae_lungs_hu", "mae_moving_hu", "mae_static_hu")
+    for i, csv_row in enumerate(read_rows(folder), start=1):
+        for row, metric in zip(regions[4 * i : 4 * i + 4], metrics):
+            generated, baseline = float(csv_row[metric]), float(csv_row[f"baseline_{metric}"])
+            assert row[2:4] == [f"{generated:.1f}", f"{baseline:.1f}"]
+            assert ("lower (better)" in row[4]) == (generated < baseline)
 
 
 def test_metrics_have_one_finite_row_per_patient_whatever_num_images(step7_run):
@@ -117,13 +173,44 @@ def test_metrics_have_one_finite_row_per_patient_whatever_num_images(step7_run):
     assert [row["patient"] for row in document["patients"]] == list(TEST_PATIENTS)
 
 
-def test_num_test_limits_patients(tmp_path, phantom_root, tiny_run):
+def test_num_test_limits_patients_and_says_so(tmp_path, phantom_root, tiny_run):
     result = run_test_py(tmp_path, phantom_root, tiny_run, "--num_test", "1")
     assert result.returncode == 0, result.stderr
     folder = page_folder(tmp_path)
     assert [row["patient"] for row in read_rows(folder)] == ["patient_1"]
     assert sorted(p.name for p in (folder / "volumes").iterdir()) == ["patient_1_phase0.nii.gz"]
-    assert len(parse_page(folder / "index.html").images) == 5 * 3  # default --num_images 5
+    # default --num_images 5, and the coronal view
+    assert len(parse_page(folder / "index.html").images) == (5 + 1) * PICTURES_PER_VIEW
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("--num_test")]
+    assert "the first 1 of the 2 volumes" in line and "1 left out" in line and "raise --num_test" in line
+
+
+def test_display_window_picks_windows_by_name_or_numbers(tmp_path, phantom_root, tiny_run):
+    result = run_test_py(
+        tmp_path,
+        phantom_root,
+        tiny_run,
+        "--num_test",
+        "1",
+        "--num_images",
+        "1",
+        "--display_window",
+        "bone",
+        "-600",
+        "400",
+    )
+    assert result.returncode == 0, result.stderr
+    folder = page_folder(tmp_path)
+    text = " ".join(parse_page(folder / "index.html").text)
+    assert "bone window -450..1050 HU" in text and "window -600..400 HU" in text and "lung window" not in text
+    assert (folder / "images" / "patient_1_slice006_target_bone.png").is_file()
+    assert (folder / "images" / "patient_1_slice006_target_-600_400.png").is_file()
+
+
+def test_an_unknown_display_window_is_a_one_line_error(tmp_path, phantom_root, tiny_run):
+    result = run_test_py(tmp_path, phantom_root, tiny_run, "--display_window", "lungs")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "unknown display window 'lungs'" in result.stderr and "did you mean 'lung'?" in result.stderr
 
 
 @pytest.fixture
@@ -165,7 +252,8 @@ def test_skip_corrupted_skips_broken_pairs_and_notes_missing_targets(tmp_path, b
     page = parse_page(folder / "index.html")
     text = " ".join(page.text)
     assert "generated but not scored: patient_2" in text and "Skipped" in text
-    assert "patient_2 slice 6: generated" in text and "patient_2 slice 6: target" not in text
+    assert "patient_2 axial slice 6: generated" in text and "patient_2 axial slice 6: target" not in text
+    assert "patient_2 axial slice 6: generated - target" not in text  # no target, no difference
     assert all((folder / src).is_file() for src in page.images)
 
 
@@ -224,9 +312,9 @@ def test_every_image_loads_in_a_browser(step7_run, tmp_path):
     copy = tmp_path / "page"
     shutil.copytree(folder, copy)
     check = broken_images_in_browser(copy / "index.html", tmp_path)
-    assert check == {"total": 3 * len(TEST_PATIENTS), "broken": []}
+    assert check == {"total": 2 * PICTURES_PER_VIEW * len(TEST_PATIENTS), "broken": []}
     # The check itself must notice a missing picture.
-    victim = sorted((copy / "images").iterdir())[0]
+    victim = sorted((copy / "images").glob("patient_*.png"))[0]
     victim.unlink()
     check = broken_images_in_browser(copy / "index.html", tmp_path)
     assert check["broken"] == [f"images/{victim.name}"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -20,6 +21,8 @@ REFERENCE_COMMAND = (
 )
 SMALL = ["--ngf", "4", "--ndf", "4", "--num_threads", "0", "--max_dataset_size", "8", "--gpu_ids", "-1"]
 
+pytestmark = pytest.mark.slow  # every test here runs train.py
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, phantom_root):
@@ -27,7 +30,7 @@ def trained(tmp_path_factory, phantom_root):
     workdir = tmp_path_factory.mktemp("train")
     first = run_script(
         "train.py", "--dataroot", phantom_root, *shlex.split(REFERENCE_COMMAND), *SMALL,
-        "--n_epochs", "1", "--n_epochs_decay", "1", cwd=workdir,
+        "--n_epochs", "1", "--n_epochs_decay", "1", "--print_freq", "4", cwd=workdir,
     )
     resumed = run_script(
         "train.py", "--dataroot", phantom_root, "--name", "ct_phase0_generator_optimized", "--continue_train",
@@ -57,6 +60,25 @@ def test_the_log_file_holds_options_dataset_summary_losses_and_epoch_times(train
     assert "3 volume pairs, 8 valid slices, 0 skipped files" in text
     assert "epoch 1 took" in text and "epoch 2 took" in text
     assert "mean losses G_GAN:" in text and "G_L1:" in text
+
+
+def test_redirected_output_has_no_progress_bar_and_counts_steps_and_slices(trained):
+    """Output captured, as in a file or a pipe (not a terminal): plain lines, no carriage return;
+    a step is one batch (of 4 slices here), slices count samples."""
+    _, first, resumed = trained
+    for run in (first, resumed):
+        assert "\r" not in run.stdout + run.stderr
+    out = first.stdout.split("----------------- End -------------------")[1]  # after the options table
+    assert "8 slices per epoch in 2 steps of 4 slices" in out
+    assert "(epoch: 1, step: 1/2, slices: 4, compute: " in out and "(epoch: 2, step: 2/2, slices: 8, compute: " in out
+    assert "epoch 1 took" in out and "s (2 steps, 8 slices)" in out
+    assert not re.search(r"\biter(s|ations?)\b", out)
+
+
+def test_max_dataset_size_says_what_it_leaves_out(trained):
+    _, first, _ = trained
+    (line,) = [line for line in first.stdout.splitlines() if line.startswith("--max_dataset_size")]
+    assert "using the first 8 of" in line and "from 1 of the 3 volume pairs" in line and "leave it out" in line
 
 
 def test_without_a_visdom_server_training_warns_once_and_goes_on(trained):

@@ -207,6 +207,7 @@ def test_4d_file_needs_frame_and_translates_the_chosen_one(tmp_path, tiny_run, a
     assert_same_world_volume(output, baseline)
 
 
+@pytest.mark.slow
 def test_reference_command_writes_volume_and_slices(tmp_path, tiny_run, anatomy):
     """The reference's Step 7 "Single Volume Inference" command, run as a user runs it."""
     source = tmp_path / "datasets" / "ct_phases_dataset" / "testA" / "patient_1.nii.gz"
@@ -338,6 +339,7 @@ def test_missing_checkpoint_and_missing_options_name_the_file(tmp_path, tiny_run
     assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_script_reports_a_truncated_file_in_one_line(tmp_path, tiny_run, anatomy):
     source = _truncated_gz(tmp_path, anatomy)
     result = run_script(

@@ -108,7 +108,9 @@ def lines(plot: dict) -> dict[str, dict]:
     return {trace["name"]: trace for trace in plot["content"]["data"]}
 
 
-LOG_LINE = re.compile(r"^\(epoch: (\d+), iters: \d+, time: [\d.]+, data: [\d.]+\) (.*)$")
+LOG_LINE = re.compile(
+    r"^\(epoch: (\d+), step: \d+/\d+, slices: \d+, compute: [\d.]+ s/slice, data: [\d.]+ s/step\) (.*)$"
+)
 
 
 def logged_losses(loss_log: Path) -> list[tuple[int, dict[str, str]]]:

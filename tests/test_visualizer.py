@@ -23,6 +23,7 @@ from test_test_script import CHROMIUM, broken_images_in_browser
 
 from util.html import HTML, image_url
 from util.visualizer import (
+    COLOUR_BAR_PNG,
     CURVES_LOG,
     CURVES_PNG,
     OFFLINE_SERVER_COMMAND,
@@ -156,6 +157,73 @@ def colours_in(picture: Image.Image) -> set[tuple[int, int, int]]:
 
 def rgb(hex_colour: str) -> tuple[int, int, int]:
     return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+
+
+# -- the slices in CT windows (--intensity hu) -----------------------------------------------------
+HU_OPTIONS = dict(intensity="hu", hu_min=-1024.0, hu_max=3071.0, display_window=["lung", "soft_tissue"])
+
+
+def hu_to_network(hu: float) -> float:
+    """The network's value of ``hu`` under HU_OPTIONS' window (-1024..3071 HU -> [-1, 1])."""
+    return (hu + 1024.0) / 4095.0 * 2 - 1
+
+
+def hu_visuals(real_a_hu: float, fake_b_hu: float, real_b_hu: float) -> OrderedDict[str, torch.Tensor]:
+    """pix2pix's visuals, (1, 1, 8, 8) each, every pixel of a slice at one HU value."""
+    return OrderedDict(
+        (label, torch.full((1, 1, 8, 8), hu_to_network(hu)))
+        for label, hu in (("real_A", real_a_hu), ("fake_B", fake_b_hu), ("real_B", real_b_hu))
+    )
+
+
+def pixel(path: Path) -> tuple:
+    picture = Image.open(path)
+    return picture.getpixel((0, 0))
+
+
+def test_with_intensity_hu_each_slice_is_shown_in_each_window_with_its_differences(tmp_path):
+    visualizer = Visualizer(training_options(tmp_path, **HU_OPTIONS))
+    # lung parenchyma in the input, liver (+50 HU) generated where the target has -600 HU
+    visualizer.display_current_results(hu_visuals(-850.0, 50.0, -600.0), 1, save_result=True)
+    visualizer.flush()
+    images = visualizer.web_dir / "images"
+    # lung window -1350..150 HU: -600 HU is mid-gray; soft tissue -160..240: black
+    assert pixel(images / "epoch001_real_B_lung.png") == pytest.approx(127.5, abs=1)
+    assert pixel(images / "epoch001_real_B_soft_tissue.png") == 0
+    assert pixel(images / "epoch001_fake_B_soft_tissue.png") == pytest.approx(134, abs=1)  # (50 + 160) / 400 * 255
+    # fake_B - real_B = +650 HU: saturated red; real_A - real_B = -250 HU: half-way to blue
+    red, blue = pixel(images / "epoch001_fake_B_minus_real_B.png"), pixel(images / "epoch001_real_A_minus_real_B.png")
+    assert red == (103, 0, 31) and blue == (67, 147, 195)
+    page = parse_page(visualizer.web_dir)
+    assert page.headers == ["epoch [1]"]
+    assert len(page.images) == 2 * 3 + 2 + 1  # two windows of three slices, two differences, the colour bar
+    assert all((visualizer.web_dir / unquote(url)).is_file() for url in page.images + page.links)
+    text = (visualizer.web_dir / "index.html").read_text()
+    assert "lung window -1350..150 HU" in text and "soft-tissue window -160..240 HU" in text
+    assert "--intensity hu: the network's [-1, 1] is -1024..3071 HU" in text
+    assert (images / COLOUR_BAR_PNG).is_file()
+
+
+def test_with_intensity_hu_a_resumed_run_keeps_each_epochs_windows(tmp_path):
+    visualizer = Visualizer(training_options(tmp_path, **HU_OPTIONS))
+    for epoch in (1, 2):
+        visualizer.display_current_results(hu_visuals(-850.0, 50.0, -600.0), epoch, save_result=True)
+    # Resumed at epoch 2 with other windows: epoch 1 keeps its own, epoch 2 is drawn again.
+    resumed = Visualizer(training_options(tmp_path, continue_train=True, epoch_count=2,
+                                          **{**HU_OPTIONS, "display_window": ["bone", "-600", "400"]}))  # fmt: skip
+    assert resumed.history.image_windows == {1: [w.as_dict() for w in visualizer.windows]}
+    resumed.display_current_results(hu_visuals(-850.0, 50.0, -600.0), 2, save_result=True)
+    resumed.flush()
+    page = parse_page(resumed.web_dir)
+    assert "images/epoch002_fake_B_-600_400.png" in page.images and "images/epoch001_fake_B_lung.png" in page.images
+    assert all((resumed.web_dir / unquote(url)).is_file() for url in page.images)
+    assert CurveHistory.load(resumed.web_dir / CURVES_LOG, resume_epoch=3) == resumed.history
+
+
+def test_with_intensity_volume_the_page_says_why_there_is_no_hu_window(trained):
+    text = (trained.web_dir / "index.html").read_text()
+    assert "--intensity volume" in text and "not in HU" in text
+    assert not list((trained.web_dir / "images").glob("*_lung.png"))
 
 
 # -- curves.jsonl: a resumed run keeps its history -----------------------------------------------
@@ -302,3 +370,15 @@ def test_the_training_page_has_no_broken_image_in_a_browser(trained, tmp_path):
     (copy / "images" / f"epoch002_{ODD_LABEL}.png").unlink()
     check = broken_images_in_browser(copy / "index.html", tmp_path)
     assert check["broken"] == [image_url(f"epoch002_{ODD_LABEL}.png")]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` on PATH (Debian: apt-get install -y chromium)")
+def test_the_training_page_in_ct_windows_has_no_broken_image_in_a_browser(tmp_path):
+    visualizer = Visualizer(training_options(tmp_path / "run", **HU_OPTIONS))
+    visualizer.display_current_results(hu_visuals(-850.0, 50.0, -600.0), 1, save_result=True)
+    visualizer.flush()
+    check = broken_images_in_browser(visualizer.web_dir / "index.html", tmp_path)
+    assert check == {"total": 2 * 3 + 2 + 1, "broken": []}
+    (visualizer.web_dir / "images" / "epoch001_real_A_minus_real_B.png").unlink()
+    check = broken_images_in_browser(visualizer.web_dir / "index.html", tmp_path)
+    assert check["broken"] == ["images/epoch001_real_A_minus_real_B.png"]

@@ -9,6 +9,12 @@ steps with the same data and the same dropout as a run that was never stopped.
 A run never goes on silently from a broken state: a NaN/Inf loss stops it before the
 optimiser steps (or, with ``--skip_nonfinite N``, skips up to N such batches), weights with
 NaN/Inf are never saved, and a checkpoint that cannot be written stops it with one line.
+
+Words of the log: a **step** is one batch (one optimiser step); **slices** count samples, the
+unit of ``--print_freq``, ``--display_freq``, ``--save_latest_freq`` and of the checkpoint
+counter ``total_iters`` (upstream's name). The progress bar is drawn only when stderr is a
+terminal; in a file, the loss line every ``--print_freq`` slices (with its step of the epoch)
+is the progress, and no carriage return is written.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import logging
 import math
 import signal
+import sys
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -124,8 +131,9 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
         _restore_rng(checkpoint.train_state.get("rng"), runtime)
 
     last_epoch = opt.n_epochs + opt.n_epochs_decay
-    logger.info("training epochs %d..%d on %s, %d slices per epoch%s", opt.epoch_count, last_epoch, runtime.device,
-                len(dataset), f" (resuming at step {progress.step + 1})" if progress.step else "")
+    logger.info("training epochs %d..%d on %s, %d slices per epoch in %d steps of %d slices%s", opt.epoch_count,
+                last_epoch, runtime.device, len(dataset), len(loader), opt.batch_size * runtime.world_size,
+                f" (resuming at step {progress.step + 1})" if progress.step else "")
 
     def save(label: str, epoch_complete: bool, with_optimizers: bool) -> None:
         rng = gather_rng(runtime)  # collective: every rank takes part
@@ -181,7 +189,8 @@ def _train_epochs(opt, model, loader, sampler, loader_seed, visualizer, validato
 
         save(LATEST, epoch_complete=True, with_optimizers=True)
         if epoch % opt.save_epoch_freq == 0:
-            logger.info("saving the model at the end of epoch %d, iters %d", epoch, progress.total_iters)
+            logger.info("saving the model at the end of epoch %d (%d slices trained on in all)", epoch,
+                        progress.total_iters)
             save(str(epoch), epoch_complete=True, with_optimizers=opt.save_optimizer_every_epoch)
         if _broadcast_flag(improved, runtime):
             logger.info("best validation MAE so far (%.2f HU): saved as '%s'", progress.best_val_mae_hu, BEST)
@@ -204,8 +213,11 @@ def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, sam
     steps = 0
     first_step = progress.step
     data_start = time.time()
-    progress_bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not runtime.is_main,
-                        total=first_step + len(loader), initial=first_step)
+    steps_in_epoch = first_step + len(loader)
+    # A bar redrawn with carriage returns only on a terminal: in a log file it would be noise.
+    progress_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False,
+                        disable=not (runtime.is_main and sys.stderr.isatty()), total=steps_in_epoch,
+                        initial=first_step)
     batches = iter(progress_bar)
     try:
         while True:
@@ -243,11 +255,13 @@ def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, sam
                                                        crossed(before, after, opt.update_html_freq) or steps == 1)
                 if crossed(before, after, opt.print_freq):
                     compute_time = (time.time() - compute_start) / opt.batch_size
-                    visualizer.print_current_losses(epoch, progress.step * samples_per_step, losses, compute_time, data_time)
-                    visualizer.plot_current_losses(epoch, progress.step / max(len(loader) + first_step, 1), losses)
+                    visualizer.print_current_losses(epoch, progress.step, steps_in_epoch,
+                                                    progress.step * samples_per_step, losses, compute_time, data_time)
+                    visualizer.plot_current_losses(epoch, progress.step / max(steps_in_epoch, 1), losses)
             if crossed(before, after, opt.save_latest_freq):
                 label = f"iter_{after}" if opt.save_by_iter else LATEST
-                logger.info("saving the latest model (epoch %d, total_iters %d) as '%s'", epoch, after, label)
+                logger.info("saving the latest model (epoch %d, step %d, %d slices trained on in all) as '%s'", epoch,
+                            progress.step, after, label)
                 save(label, epoch_complete=False, with_optimizers=True)
             if _broadcast_flag(stop.requested, runtime):
                 if stop.signum is None:  # another rank was signalled; stop at the same step
@@ -260,7 +274,8 @@ def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, sam
     if visualizer is not None and steps and visualizer.use_html and epoch not in visualizer.saved_epochs:
         # Every epoch gets a row on the page, however small the dataset.
         visualizer.display_current_results(model.get_current_visuals(), epoch, True)
-    logger.info("epoch %d took %.1f s (%d iterations)", epoch, time.time() - epoch_start, steps)
+    logger.info("epoch %d took %.1f s (%d steps, %d slices)", epoch, time.time() - epoch_start, steps,
+                steps * samples_per_step)
     return OrderedDict((name, total / max(progress.loss_steps, 1)) for name, total in sums.items())
 
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote
 
 import dominate
-from dominate.tags import a, br, h3, img, meta, p, table, td, tr
+from dominate.tags import a, br, h3, img, meta, p, table, td, th, tr
 
 from util.atomic import atomic_path
+
+
+class ImageCell(NamedTuple):
+    """One picture of an :meth:`HTML.add_image_grid` row."""
+
+    image: str  # file name relative to images/; the picture links to itself
+    caption: str
+    width: int | None = None  # display width in pixels; None: the file's own
 
 
 class HTML:
@@ -65,6 +74,25 @@ class HTML:
                                     img(style=f"width:{width}px", src=image_url(image))
                                 br()
                                 p(caption)
+
+    def add_image_grid(self, rows: list[tuple[str, list[ImageCell]]], width: int = 256) -> None:
+        """A table of pictures: each row a label cell (e.g. the display window), then its pictures.
+
+        Args:
+            rows: ``(label, cells)`` per row; a cell without a width is shown ``width`` px wide.
+            width: the default display width in pixels.
+        """
+        with self.doc:
+            with table(border=1, style="table-layout: fixed; border-collapse: collapse; margin: 4px 0"):
+                for label, cells in rows:
+                    with tr():
+                        th(label, style="padding: 2px 8px; max-width: 120px; text-align: left; font-weight: normal")
+                        for cell in cells:
+                            with td(style="word-wrap: break-word;", halign="center", valign="top"):
+                                with a(href=image_url(cell.image)):
+                                    img(style=f"width:{cell.width or width}px", src=image_url(cell.image))
+                                br()
+                                p(cell.caption, style="margin: 2px")
 
     def save(self) -> Path:
         """Write ``index.html`` (whole or not at all: a training page is rewritten while browsers reload it)."""

@@ -2,9 +2,16 @@
 
 The run's web folder, ``<checkpoints_dir>/<name>/web/`` (not written with ``--no_html``)::
 
-    index.html                  the curves on top, then one row of images per epoch, newest first
+    index.html                  the curves on top, then the images of each epoch, newest first
     images/curves.png           the training losses, and each validation metric next to its baseline
-    images/epochNNN_<label>.png the first sample of a batch: input, generated, target
+    images/epochNNN_<label>.png the first sample of a batch: input, generated, target, in the
+                                network's [-1, 1] shown as black..white (with --intensity volume)
+    images/epochNNN_<label>_<window>.png
+                                with --intensity hu: the same in HU (the network's [-1, 1] is
+                                --hu_min..--hu_max), in each --display_window (lung, soft tissue)
+    images/epochNNN_<a>_minus_<b>.png
+                                with --intensity hu: fake_B - real_B and real_A - real_B in HU,
+                                on the colour scale of images/difference_colour_bar.png
     curves.jsonl                every point of curves.png and every row of images, one JSON object
                                 a line, appended as they come (see CurveHistory); a run resumed
                                 with --continue_train keeps what came before its resume point
@@ -38,18 +45,33 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from data.intensity import HUWindow, network_to_pixels
 from evaluation.metrics import BASELINE_PREFIX, METRIC_LABELS
 from util.atomic import atomic_path
-from util.html import HTML
-from util.image import save_png, tensor_to_image
+from util.html import HTML, ImageCell
+from util.image import (
+    COLOUR_BAR_WIDTH,
+    DEFAULT_DISPLAY_WINDOWS,
+    DIFFERENCE_RANGE_HU,
+    DisplayWindow,
+    colour_bar,
+    difference_to_rgb,
+    label_font,
+    parse_display_windows,
+    save_png,
+    tensor_to_slice,
+)
 
 logger = logging.getLogger(__name__)
 
 CURVES_LOG = "curves.jsonl"
 CURVES_PNG = "curves.png"
 X_LABEL = "epochs done"
+COLOUR_BAR_PNG = "difference_colour_bar.png"
+# (picture, target) visuals drawn as a difference map, picture - target in HU (--intensity hu).
+DIFFERENCE_PAIRS = (("fake_B", "real_B"), ("real_A", "real_B"))
 # Starts a Visdom server without the download of browser scripts that `python -m visdom.server`
 # tries first (and that fails offline); README, Monitoring, says the same.
 OFFLINE_SERVER_COMMAND = 'python -c "from visdom.server.run_server import main; main()" -port {port}'
@@ -111,6 +133,9 @@ class CurveHistory:
         {"loss": {"epoch": 3, "x": 2.25, "values": {"G_GAN": 0.69, "G_L1": 8.1, ...}}}
         {"validation": {"epoch": 3, "metrics": {"mae_hu": 24.7, "baseline_mae_hu": 32.0, ...}}}
         {"images": {"epoch": 3, "labels": ["real_A", "fake_B", "real_B"]}}
+        {"images": {"epoch": 3, "labels": [...], "windows": [{"name": "lung", "lo_hu": -1350.0, "hi_hu": 150.0}, ...]}}
+
+    (an images entry with ``windows``: that epoch's slices were drawn in HU, in those windows).
 
     ``x`` is the number of epochs done. A loss point at or before the last one rewinds the
     curve: the points from its x on are dropped, as a run resumed from a checkpoint logs them
@@ -124,6 +149,7 @@ class CurveHistory:
     validation: list[dict] = field(default_factory=list)  # sorted by epoch
     image_epochs: list[int] = field(default_factory=list)
     image_labels: list[str] = field(default_factory=list)
+    image_windows: dict[int, list[dict]] = field(default_factory=dict)  # epoch -> its display windows, if in HU
 
     @classmethod
     def load(cls, path: Path, resume_epoch: int) -> CurveHistory:
@@ -160,16 +186,24 @@ class CurveHistory:
             if value["epoch"] not in self.image_epochs:
                 self.image_epochs.append(value["epoch"])
             self.image_labels = value["labels"]
+            if "windows" in value:
+                self.image_windows[value["epoch"]] = value["windows"]
+            else:
+                self.image_windows.pop(value["epoch"], None)
         else:
             raise KeyError(f"unknown entry {kind!r}")
 
     def entries(self) -> list[dict]:
         """Entries that :meth:`add` turns back into this history."""
         return (
-            [{"images": {"epoch": epoch, "labels": self.image_labels}} for epoch in self.image_epochs]
+            [{"images": self._images_entry(epoch)} for epoch in self.image_epochs]
             + [{"validation": v} for v in self.validation]
             + [{"loss": p} for p in self.losses]
         )
+
+    def _images_entry(self, epoch: int) -> dict:
+        windows = {"windows": self.image_windows[epoch]} if epoch in self.image_windows else {}
+        return {"epoch": epoch, "labels": self.image_labels, **windows}
 
     def rewrite(self, path: Path) -> None:
         """Replace ``path`` with this history's entries (whole or not at all)."""
@@ -204,13 +238,18 @@ class Panel(NamedTuple):
 class Visualizer:
     """Loss printing and logging, the training page with its curves, and optional Visdom plots.
 
-    The training loop calls :meth:`print_current_losses` and :meth:`plot_current_losses` every
-    ``--print_freq`` iterations, :meth:`display_current_results` every ``--display_freq``,
-    :meth:`plot_validation` after each validation, and :meth:`flush` when training ends.
+    The training loop calls :meth:`print_current_losses` and :meth:`plot_current_losses` when
+    ``--print_freq`` more slices have been trained on, :meth:`display_current_results` every
+    ``--display_freq`` slices, :meth:`plot_validation` after each validation, and :meth:`flush`
+    when training ends.
 
     Reads the training options ``name``, ``checkpoints_dir``, ``no_html``, ``continue_train``,
     ``epoch_count``, ``display_id``, ``display_server``, ``display_port``, ``display_env``,
-    ``display_ncols``, ``display_winsize`` and ``axial_slice``/``slice_axis`` (the images' orientation).
+    ``display_ncols``, ``display_winsize``, ``axial_slice``/``slice_axis`` (the images'
+    orientation) and, where present, ``intensity``, ``hu_min``, ``hu_max`` and
+    ``display_window``: with ``--intensity hu`` the slices are drawn in HU, in CT windows;
+    otherwise (``--intensity volume``, each volume scaled by its own min..max, so no HU) as the
+    network sees them.
 
     With ``--continue_train`` the curves and image rows of the run folder are kept up to where the
     run resumes (``--epoch_count``, see :meth:`CurveHistory.load`); without it this is a new run,
@@ -220,6 +259,11 @@ class Visualizer:
     def __init__(self, opt: argparse.Namespace):
         self.opt = opt
         self.slice_axis = "axial" if getattr(opt, "axial_slice", False) else getattr(opt, "slice_axis", "axial")
+        # The network's [-1, 1] is hu_min..hu_max HU only with --intensity hu.
+        self.hu_window = HUWindow(opt.hu_min, opt.hu_max) if getattr(opt, "intensity", "volume") == "hu" else None
+        self.windows = (
+            parse_display_windows(getattr(opt, "display_window", DEFAULT_DISPLAY_WINDOWS)) if self.hu_window else []
+        )
         self.run_dir = Path(opt.checkpoints_dir) / opt.name
         self.web_dir = self.run_dir / "web"
         self.use_html = not opt.no_html
@@ -245,22 +289,44 @@ class Visualizer:
         return self.history.image_epochs
 
     def display_current_results(self, visuals: OrderedDict[str, torch.Tensor], epoch: int, save_result: bool) -> None:
-        """Show the first sample of the batch in Visdom, and on the HTML page when asked."""
-        images = {label: tensor_to_image(tensor[0], self.slice_axis) for label, tensor in visuals.items()}
+        """Show the first sample of the batch in Visdom, and on the HTML page when asked.
+
+        With ``--intensity hu`` the slices are drawn in each display window and the differences
+        of :data:`DIFFERENCE_PAIRS` as colour maps (Visdom shows the first window); otherwise the
+        network's [-1, 1] as black..white.
+        """
+        slices = {label: tensor_to_slice(tensor[0], self.slice_axis) for label, tensor in visuals.items()}  # (H, W)
+        pictures, differences = {}, {}  # file name -> (H, W) uint8 gray / (H, W, 3) uint8 colour
+        if self.hu_window is None:
+            shown = {label: np.rint(network_to_pixels(image)).astype(np.uint8) for label, image in slices.items()}
+            pictures = {image_name(epoch, label): image for label, image in shown.items()}
+        else:
+            hu = {label: self.hu_window.inverse(network_to_pixels(image)) for label, image in slices.items()}
+            shown = {label: self.windows[0](image) for label, image in hu.items()}
+            for window in self.windows:
+                pictures.update({image_name(epoch, label, window.key): window(image) for label, image in hu.items()})
+            for picture, target in DIFFERENCE_PAIRS:
+                if picture in hu and target in hu:
+                    differences[image_name(epoch, difference_label(picture, target))] = difference_to_rgb(
+                        hu[picture] - hu[target]
+                    )
         if self.vis is not None:
             try:
                 self.vis.images(
-                    [img[None] for img in images.values()],
+                    [img[None] for img in shown.values()],
                     nrow=self.opt.display_ncols,
                     win=images_window(self.opt.display_id),
-                    opts={"title": f"{self.opt.name}: {' | '.join(images)}"},
+                    opts={"title": f"{self.opt.name}: {' | '.join(shown)}"},
                 )
             except Exception as err:  # noqa: BLE001 - a server that went away turns display off, never training
                 self._drop_visdom(err)
         if self.use_html and save_result:
-            for label, image in images.items():
-                save_png(image, self.web_dir / "images" / image_name(epoch, label))
-            self._record({"images": {"epoch": epoch, "labels": list(images)}})
+            for name, image in {**pictures, **differences}.items():
+                save_png(image, self.web_dir / "images" / name)
+            if differences and not (self.web_dir / "images" / COLOUR_BAR_PNG).is_file():
+                save_png(colour_bar(), self.web_dir / "images" / COLOUR_BAR_PNG)
+            windows = {"windows": [window.as_dict() for window in self.windows]} if self.windows else {}
+            self._record({"images": {"epoch": epoch, "labels": list(slices), **windows}})
 
     def plot_current_losses(self, epoch: int, counter_ratio: float, losses: OrderedDict[str, float]) -> None:
         """Add one point per loss to the page's curves and to Visdom.
@@ -297,10 +363,29 @@ class Visualizer:
         self._post(self._validation_panels())
 
     def print_current_losses(
-        self, epoch: int, iters: int, losses: OrderedDict[str, float], t_comp: float, t_data: float
+        self,
+        epoch: int,
+        step: int,
+        steps: int,
+        slices: int,
+        losses: OrderedDict[str, float],
+        t_comp: float,
+        t_data: float,
     ) -> None:
-        """Log ``(epoch: E, iters: I, time: T, data: D) G_GAN: ... G_L1: ...`` and append it to loss_log.txt."""
-        message = f"(epoch: {epoch}, iters: {iters}, time: {t_comp:.3f}, data: {t_data:.3f}) "
+        """Log one loss line and append it to loss_log.txt::
+
+            (epoch: 2, step: 30/120, slices: 120, compute: 0.012 s/slice, data: 0.003 s/step) G_GAN: 0.693 G_L1: 8.100
+
+        Args:
+            epoch: the epoch running (from 1).
+            step: steps (batches) of the epoch done; ``steps``: steps in the epoch.
+            slices: slices of the epoch trained on so far (all processes together).
+            t_comp: seconds of computation per slice; ``t_data``: seconds spent waiting for this step's batch.
+        """
+        message = (
+            f"(epoch: {epoch}, step: {step}/{steps}, slices: {slices}, compute: {t_comp:.3f} s/slice, "
+            f"data: {t_data:.3f} s/step) "
+        )
         message += " ".join(f"{k}: {v:.3f}" for k, v in losses.items())
         logger.info(message)
         with open(self.loss_log, "a") as f:
@@ -312,16 +397,53 @@ class Visualizer:
         if (self.web_dir / "images" / CURVES_PNG).is_file():
             page.add_header("curves")
             caption = (
-                f"losses logged every --print_freq iterations (where denser than the pixels, their means); "
+                f"losses logged every --print_freq slices (where denser than the pixels, their means); "
                 f"validation metrics of each epoch validated. The numbers: {CURVES_LOG}"
             )
             page.add_images([CURVES_PNG], [caption], [CURVES_PNG], width=CHART_WIDTH)
         labels = self.history.image_labels
+        if self.history.image_epochs:
+            page.add_text(self._images_note())
         for epoch in sorted(self.history.image_epochs, reverse=True):
             page.add_header(f"epoch [{epoch}]")
-            names = [image_name(epoch, label) for label in labels]
-            page.add_images(names, labels, names, width=self.opt.display_winsize)
+            windows = [DisplayWindow.from_dict(w) for w in self.history.image_windows.get(epoch, [])]
+            if not windows:  # the network's scale
+                names = [image_name(epoch, label) for label in labels]
+                page.add_images(names, labels, names, width=self.opt.display_winsize)
+                continue
+            rows = [
+                (window.label, [ImageCell(image_name(epoch, label, window.key), label) for label in labels])
+                for window in windows
+            ]
+            pairs = [
+                (picture, target) for picture, target in DIFFERENCE_PAIRS if picture in labels and target in labels
+            ]
+            if pairs:
+                cells = [
+                    ImageCell(image_name(epoch, difference_label(picture, target)), f"{picture} - {target}")
+                    for picture, target in pairs
+                ]
+                cells.append(ImageCell(COLOUR_BAR_PNG, "colour key", width=COLOUR_BAR_WIDTH))
+                rows.append((f"difference, HU (colour scale ±{DIFFERENCE_RANGE_HU:g})", cells))
+            page.add_image_grid(rows, width=self.opt.display_winsize)
         page.save()
+
+    def _images_note(self) -> str:
+        """What the page's slices show, in words."""
+        where = "Each epoch: the first slice of a batch (real_A the input, fake_B generated, real_B the target)"
+        if self.hu_window is None:
+            return (
+                f"{where}, in the network's [-1, 1] scale shown black..white. This run uses --intensity volume "
+                "(each volume scaled by its own min..max), so the slices are not in HU and CT windows do not "
+                "apply; train with --intensity hu to see them in lung and soft-tissue windows."
+            )
+        return (
+            f"{where}, in HU (--intensity hu: the network's [-1, 1] is {self.hu_window.lo_hu:g}.."
+            f"{self.hu_window.hi_hu:g} HU), in the "
+            + " and the ".join(w.label for w in self.windows)
+            + " (--display_window). Differences in HU: blue where the picture is darker (lower HU) than "
+            f"real_B, red where it is brighter, saturated beyond ±{DIFFERENCE_RANGE_HU:g} HU."
+        )
 
     def flush(self) -> None:
         """Redraw curves.png and the page if an entry is not on them yet; call it when training ends."""
@@ -408,8 +530,14 @@ class Visualizer:
         self.vis = None
 
 
-def image_name(epoch: int, label: str) -> str:
-    return f"epoch{epoch:03d}_{label}.png"
+def image_name(epoch: int, label: str, window: str | None = None) -> str:
+    """``epoch003_fake_B.png``, or with a display window's key ``epoch003_fake_B_lung.png``."""
+    return f"epoch{epoch:03d}_{label}{'' if window is None else '_' + window}.png"
+
+
+def difference_label(picture: str, target: str) -> str:
+    """The file-name label of the difference map ``picture - target``: ``fake_B_minus_real_B``."""
+    return f"{picture}_minus_{target}"
 
 
 # -- curves.png ----------------------------------------------------------------------------------
@@ -428,7 +556,7 @@ def draw_curves(panels: list[Panel], path: Path) -> None:
     """
     image = Image.new("RGB", (CHART_WIDTH, PANEL_HEIGHT * len(panels)), "white")
     draw = ImageDraw.Draw(image)
-    font = _font()
+    font = label_font()
     x_range = _span([x for panel in panels for x in panel.x], pad=0.0, min_span=1.0)
     for i, panel in enumerate(panels):
         _draw_panel(draw, font, thin(panel, PLOT_WIDTH), x_range, top=i * PANEL_HEIGHT)
@@ -454,13 +582,6 @@ def thin(panel: Panel, columns: int) -> Panel:
         return [float(total / n) if n else None for total, n in zip(sums, counts)]
 
     return panel._replace(x=means(panel.x), series={name: means(ys) for name, ys in panel.series.items()})
-
-
-def _font() -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1 has only its small bitmap font
-        return ImageFont.load_default()
 
 
 def _draw_panel(draw: ImageDraw.ImageDraw, font, panel: Panel, x_range: tuple[float, float], top: int) -> None:
