@@ -56,8 +56,13 @@ RECIPES: dict[str, dict] = {
     "demo/L1-body": {"base": "demo", "add": ["--l1_region", "body"]},
     "demo/constant-LR": {"base": "demo", "schedule": "constant"},
     "demo/LRx5": {"base": "demo", "add": ["--lr", "0.001"]},
-    # The recipe the README recommends: train.py --preset phase0 (options/presets.py).
+    # The recipe the README recommends: train.py --preset phase0 (options/presets.py), the
+    # winning levers above together; each "recommended/<change>" takes one of them back.
     "recommended": {"flags": ["--preset", "phase0"]},
+    "recommended/no-2.5D": {"base": "recommended", "add": ["--context_slices", "0"]},
+    "recommended/vanilla-GAN": {"base": "recommended", "add": ["--gan_mode", "vanilla"]},
+    "recommended/L1-image": {"base": "recommended", "add": ["--l1_region", "image"]},
+    "recommended/5-slices": {"base": "recommended", "add": ["--context_slices", "2"]},
 }
 STUDY = list(RECIPES)
 SMOKE = ["reference", "recommended"]
@@ -109,11 +114,9 @@ def train_and_score(args: argparse.Namespace, dataroot: Path, name: str, seed: i
     run_name = "q_" + "".join(c if c.isalnum() else "_" for c in name) + f"_seed{seed}"
     common = ["--dataroot", str(dataroot), "--name", run_name, "--checkpoints_dir", str(args.workdir / "checkpoints"),
               "--model", "pix2pix", "--dataset_mode", "robust_nifti", "--axial_slice", "--preprocess", "none"]
-    flags = recipe_flags(name)
-    context = flags[flags.index("--context_slices") + 1] if "--context_slices" in flags else "0"
-    train = [sys.executable, str(REPO / "train.py"), *common, "--overwrite", *flags,
-             *schedule_flags(name, epochs), "--input_nc", str(1 + 2 * int(context)), "--output_nc", "1",
-             "--norm", "instance", "--netG", args.netG, "--ngf", str(args.ngf), "--ndf", str(args.ndf),
+    # --input_nc is left to train.py: 1+2K with --context_slices K, from a recipe or a preset
+    train = [sys.executable, str(REPO / "train.py"), *common, "--overwrite", *recipe_flags(name),
+             *schedule_flags(name, epochs), "--norm", "instance", "--netG", args.netG, "--ngf", str(args.ngf), "--ndf", str(args.ndf),
              "--resize_to", str(args.resize_to), "--batch_size", str(args.batch_size), "--seed", str(seed),
              "--cache_dir", str(args.workdir / "cache"), "--log_dir", str(args.workdir / "logs"),
              "--display_id", "0", "--no_html", "--val_freq", "0", "--save_epoch_freq", str(10**6),

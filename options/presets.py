@@ -19,5 +19,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "no_dropout": True,
         "lambda_L1": 1000.0,
         "norm": "instance",
+        "context_slices": 1,  # 2.5D: the slices above and below show where tissue moves along z
+        "gan_mode": "lsgan",
+        "l1_region": "body",  # outside the body the target is air: do not spend the loss there
     },
 }
