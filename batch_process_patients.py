@@ -22,12 +22,12 @@ from data.volume_io import VolumeError
 from inference.batch import SUMMARY_FILE, find_inputs, summarise, translate_folder, write_summary
 from inference.cli import (
     add_checkpoint_arguments,
-    add_device_argument,
     add_translation_arguments,
     new_parser,
     run_cli,
 )
 from inference.volume import load_generator, make_output_dir
+from util.device import add_gpu_ids_argument, select_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_dir", required=True, help="folder of average CT volumes (.nii / .nii.gz)")
     parser.add_argument("--output_dir", required=True, help="where volumes, PNG slices and summary.csv are written")
     add_checkpoint_arguments(parser)
-    add_device_argument(parser)
+    add_gpu_ids_argument(parser)
     add_translation_arguments(parser)
     return parser
 
@@ -47,7 +47,7 @@ def main(opt: argparse.Namespace) -> int:
         raise VolumeError(
             output_dir, "is also --input_dir; outputs would be read as inputs next time, choose another folder"
         )
-    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, opt.gpu_ids)
+    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, select_device(opt.gpu_ids))
     print(f"model: {generator.describe()}")
     make_output_dir(output_dir)
     summary_path = output_dir / SUMMARY_FILE

@@ -6,7 +6,10 @@ Writes ``<output_dir>/<name>_<epoch>_G.pt`` (TorchScript) and ``<output_dir>/<na
 (``--format`` picks one or both), then runs each on a random batch at the model's size and
 compares its output with the PyTorch network's: exit code 1 if any differs by more than
 ``--tolerance`` (max abs, in the network's [-1, 1] range). The exported models take and
-return slices in [-1, 1] at the training size; see ``inference/export.py``.
+return slices in [-1, 1] at the training size; see ``inference/export.py``. How a volume
+becomes those slices and the output goes back to HU (window, slice axis, size, context
+slices, residual) is stored in each file and beside them in ``<name>_<epoch>_G.json``;
+``examples/run_onnx_export.py`` runs the ONNX file on a NIfTI volume from it alone.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ import argparse
 import sys
 
 from inference.cli import add_checkpoint_arguments, new_parser, run_cli
-from inference.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORTERS, export_generator, max_differences
+from inference.export import (
+    DEFAULT_OPSET,
+    DEFAULT_TOLERANCE,
+    EXPORTERS,
+    export_generator,
+    max_differences,
+    metadata_path,
+)
 from inference.volume import load_generator
 
 PROG = "export_model.py"
@@ -46,6 +56,7 @@ def main(opt: argparse.Namespace) -> int:
     for fmt, path in exported.items():
         verdict = "ok" if differences[fmt] <= opt.tolerance else f"above --tolerance {opt.tolerance:g}"
         print(f"{fmt}: {path}  max |difference| vs PyTorch = {differences[fmt]:.3g}  {verdict}")
+    print(f"preprocessing (also inside each file): {metadata_path(opt.output_dir, opt.model_name, opt.epoch)}")
     failed = [path for fmt, path in exported.items() if differences[fmt] > opt.tolerance]
     for path in failed:
         print(

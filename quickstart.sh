@@ -27,14 +27,15 @@ DATA=./datasets/ct_phases_dataset
 NAME=ct_phase0_demo
 # A small respiratory phantom: 8 training and 2 test patients, 128 x 128 x 32 voxels.
 "$PY" datasets/make_phantom.py --output_dir "$DATA" --num_train 8 --num_test 2 --overwrite
-# The reference's training flags, sized for a CPU: 128-pixel slices, a U-Net for 128,
-# the fixed HU window (so results compare in HU), a residual generator that starts from the
-# identity, an L1 weight of 1000 (the MAE matters here more than GAN texture), 20 epochs
-# (1,280 iterations of 4 slices).
+# The reference's training flags, sized for a CPU (128-pixel slices, a U-Net for 128, 20
+# epochs = 1,280 steps of 4 slices), with the recommended recipe --preset phase0 (residual
+# generator, fixed HU window, one neighbouring slice on each side, lsgan, L1 x1000 inside the
+# body; README "Choosing options"). With the neighbours the network takes 3 channels: the
+# reference's --input_nc 1 stays right, it counts the CT's own channel.
 "$PY" train.py --dataroot "$DATA" --name "$NAME" --model pix2pix --dataset_mode robust_nifti \
-  --skip_corrupted --preprocess none --input_nc 1 --output_nc 1 --axial_slice --norm instance \
-  --netG unet_128 --ngf 32 --ndf 32 --batch_size 4 --lambda_L1 1000 --lr 0.0002 --resize_to 128 \
-  --intensity hu --residual --no_dropout --display_freq 100 --save_epoch_freq 5 --n_epochs 15 --n_epochs_decay 5 --display_id 0 --overwrite
+  --skip_corrupted --preprocess none --input_nc 1 --output_nc 1 --axial_slice --norm instance --preset phase0 \
+  --netG unet_128 --ngf 32 --ndf 32 --batch_size 4 --lr 0.0002 --resize_to 128 \
+  --display_freq 100 --save_epoch_freq 5 --n_epochs 15 --n_epochs_decay 5 --display_id 0 --overwrite
 "$PY" test.py --dataroot "$DATA" --name "$NAME" --model pix2pix --dataset_mode robust_nifti \
   --preprocess none --input_nc 1 --output_nc 1 --axial_slice --epoch latest
 "$PY" use_model.py --input_nifti "$DATA/testA/patient_1.nii.gz" --model_name "$NAME" --epoch latest --output_dir ./results

@@ -26,10 +26,10 @@ logger = logging.getLogger("test")
 
 
 def main(opt: argparse.Namespace, options: TestOptions) -> None:
-    setup_runtime(opt)
+    runtime = setup_runtime(opt)
     setup_logging(None, verbose=opt.verbose)
     logger.info(options.format_options(opt))
-    report = run_test(opt)
+    report = run_test(opt, runtime.device)
     options.save(opt, results_folder(opt), "test")
     for line in report.summary_lines():
         print(line)

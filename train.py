@@ -23,6 +23,7 @@ from options.train_options import TrainOptions
 from training.loop import train
 from training.signals import StopRequests
 from util.cli import run_reporting_errors
+from util.device import DeviceError
 from util.run_folder import CheckpointError, RunLock, clear_run
 from util.runtime import setup_logging, setup_runtime, shutdown
 
@@ -65,7 +66,7 @@ if __name__ == "__main__":
     opt = options.parse()
     sys.exit(
         run_reporting_errors(
-            "train.py", lambda: main(opt, options), (DatasetError, CheckpointError, NonFiniteError),
+            "train.py", lambda: main(opt, options), (DatasetError, CheckpointError, NonFiniteError, DeviceError),
             interrupted="interrupted; nothing was saved",
         )
     )

@@ -18,12 +18,12 @@ import sys
 
 from inference.cli import (
     add_checkpoint_arguments,
-    add_device_argument,
     add_translation_arguments,
     new_parser,
     run_cli,
 )
 from inference.volume import load_generator, translate_file
+from util.device import add_gpu_ids_argument, select_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,13 +33,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", default="./results", help="where the volume and its PNG slices are written")
     add_checkpoint_arguments(parser)
-    add_device_argument(parser)
+    add_gpu_ids_argument(parser)
     add_translation_arguments(parser)
     return parser
 
 
 def main(opt: argparse.Namespace) -> None:
-    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, opt.gpu_ids)
+    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, select_device(opt.gpu_ids))
     print(f"model: {generator.describe()}")
     result = translate_file(
         generator,

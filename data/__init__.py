@@ -36,7 +36,7 @@ def create_dataloader(
     opt: argparse.Namespace,
     sampler=None,
     *,
-    pin_memory: bool | None = None,
+    pin_memory: bool = False,
     persistent_workers: bool | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
@@ -44,11 +44,10 @@ def create_dataloader(
 
     Args:
         dataset: a map-style dataset, e.g. from :func:`create_dataset`.
-        opt: supplies ``num_threads`` (worker processes), ``batch_size``, ``serial_batches``
-            and ``gpu_ids``.
+        opt: supplies ``num_threads`` (worker processes), ``batch_size`` and ``serial_batches``.
         sampler: e.g. a ``DistributedSampler`` under torchrun; shuffling is then its job.
-        pin_memory: page-locked batches for faster copies to the GPU; default: when
-            training on a GPU.
+        pin_memory: page-locked batches for faster copies to the GPU (ask for it when
+            the batches go to a CUDA device).
         persistent_workers: keep worker processes between epochs; default: when there are
             workers (benchmarks/data_throughput.py measures both).
         generator: draws the loader's base seed (worker seeds) instead of the global
@@ -56,8 +55,6 @@ def create_dataloader(
             (resumed training repeats dropout exactly).
     """
     workers = int(opt.num_threads)
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available() and bool(opt.gpu_ids)
     if persistent_workers is None:
         persistent_workers = workers > 0
     return torch.utils.data.DataLoader(

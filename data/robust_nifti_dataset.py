@@ -64,8 +64,9 @@ class PairingReport:
     built: int = 0
 
 
-def add_slice_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags that say how volumes become slices (shared by training and inference)."""
+def add_slice_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> argparse.ArgumentParser | argparse._ArgumentGroup:
+    """Flags that say how volumes become slices (shared by training and inference), added to
+    ``parser`` or to one of its argument groups."""
     parser.add_argument("--resize_to", type=int, default=512, help="slices are resized to this square size (pixels)")
     parser.add_argument(
         "--slice_axis",
@@ -196,14 +197,15 @@ class RobustNiftiDataset(BaseDataset):
 
     @staticmethod
     def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
-        add_slice_options(parser)
-        parser.add_argument(
+        add_slice_options(parser.add_argument_group("slices and intensities (--dataset_mode robust_nifti)"))
+        files = parser.add_argument_group("files and slice cache (--dataset_mode robust_nifti)")
+        files.add_argument(
             "--skip_corrupted",
             action="store_true",
             help="skip unreadable files and unusable pairs with a warning instead of stopping",
         )
-        parser.add_argument("--cache_dir", default="./cache/slices", help="where decoded slices are kept between runs")
-        parser.add_argument(
+        files.add_argument("--cache_dir", default="./cache/slices", help="where decoded slices are kept between runs")
+        files.add_argument(
             "--no_cache", action="store_true", help="keep decoded slices in a temporary folder removed at exit"
         )
         return parser

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data.base_dataset import DatasetError
 from data.slicing import SLICE_AXES, slice_for_display, volume_to_slices
@@ -252,8 +253,8 @@ def coronal_index(volume: np.ndarray, target: np.ndarray | None) -> tuple[int, s
     return int(np.rint(np.average(body, weights=weights))), "through the body's centre"
 
 
-def run_test(opt: argparse.Namespace) -> TestReport:
-    """Generate, score and show the test volumes that ``opt`` names (see the module docstring).
+def run_test(opt: argparse.Namespace, device: torch.device) -> TestReport:
+    """Generate, score and show the test volumes that ``opt`` names (see the module docstring), on ``device``.
 
     Raises:
         CheckpointError: the run folder or its weights are missing or do not fit.
@@ -261,7 +262,7 @@ def run_test(opt: argparse.Namespace) -> TestReport:
             ``--skip_corrupted``), or no volume could be used at all.
     """
     checkpoint = checkpoint_label(opt)
-    generator = load_generator(opt.checkpoints_dir, opt.name, checkpoint, opt.gpu_ids)
+    generator = load_generator(opt.checkpoints_dir, opt.name, checkpoint, device)
     _warn_ignored_flags(opt, generator)
     # None (after one log line naming the missing file) when LPIPS's weights are not in place.
     lpips_scorer = LpipsScorer.from_torchvision_cache(generator.device) if getattr(opt, "lpips", False) else None

@@ -1,8 +1,9 @@
 """Command-line pieces shared by use_model.py, batch_process_patients.py and export_model.py.
 
 Each flag is defined once here and added to every script that takes it, so the scripts
-cannot drift apart. :func:`run_cli` turns the errors a user can cause (a bad file, a
-missing checkpoint) into one line on stderr and exit code 1, without a traceback.
+cannot drift apart (``--gpu_ids``, which train.py and test.py take too, is util/device.py's).
+:func:`run_cli` turns the errors a user can cause (a bad file, a missing checkpoint) into
+one line on stderr and exit code 1, without a traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-import torch
-
 from data.volume_io import OUTPUT_DTYPES, VolumeError
 from models.base_model import CheckpointError
-from options.base_options import OneLineErrorParser, OptionsError, parse_gpu_ids
+from options.base_options import OneLineErrorParser, OptionsError
 from util.cli import run_reporting_errors
 
 # Errors that mean "this input or this run folder cannot be used", as opposed to a bug.
@@ -45,17 +44,6 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoints_dir", default="./checkpoints", help="folder that holds the run folders")
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """``--gpu_ids``: ``0`` where CUDA is available, else ``-1`` (the CPU)."""
-    default_gpus = "0" if torch.cuda.is_available() else "-1"
-    parser.add_argument(
-        "--gpu_ids",
-        type=parse_gpu_ids,
-        default=parse_gpu_ids(default_gpus),
-        help=f"GPU to run on, e.g. 0; -1 for the CPU (default here: {default_gpus})",
-    )
-
-
 def add_translation_arguments(parser: argparse.ArgumentParser) -> None:
     """``--output_dtype``, ``--frame``, ``--batch_size``, ``--no_slices``: how volumes are translated and written."""
     g = parser.add_argument_group("volumes")
@@ -77,17 +65,6 @@ def add_translation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no_slices", action="store_true", help="do not write the PNG slices, only the volume")
 
 
-def check_device(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
-    """Refuse ``--gpu_ids`` that this machine cannot serve (exit code 2, one line)."""
-    if not opt.gpu_ids:
-        return
-    ids = ",".join(map(str, opt.gpu_ids))
-    if not torch.cuda.is_available():
-        parser.error(f"--gpu_ids {ids}: CUDA is not available on this machine; use --gpu_ids -1 for the CPU")
-    if max(opt.gpu_ids) >= torch.cuda.device_count():
-        parser.error(f"--gpu_ids {ids}: this machine has {torch.cuda.device_count()} GPU(s)")
-
-
 def run_cli(
     main: Callable[[argparse.Namespace], int | None],
     parser: argparse.ArgumentParser,
@@ -100,8 +77,6 @@ def run_cli(
     ``main`` returns None (success) or an exit code.
     """
     opt = parser.parse_args(argv)
-    if hasattr(opt, "gpu_ids"):
-        check_device(parser, opt)
     return run_reporting_errors(parser.prog, lambda: main(opt), USER_ERRORS)
 
 

@@ -33,6 +33,7 @@ from data.slicing import slice_for_display, volume_to_slices
 from data.volume_io import VolumeError, read_volume, strip_nifti_suffix, write_volume
 from models.base_model import load_state_dict_file
 from models.networks import define_G
+from util.device import CPU, select_device
 from util.image import save_png
 from util.run_folder import (
     GENERATOR_OPTIONS,
@@ -59,6 +60,8 @@ class PhaseGenerator:
         device: where ``net`` runs.
         netG: the generator's name (a key of ``GENERATORS``), for messages.
         weights: the ``.pth`` file the weights came from, for messages.
+        output_nc: channels of the network's output; channel 0 is the generated slice.
+        residual: the network adds its input slice to its output (``--residual``; inside ``net``).
     """
 
     net: torch.nn.Module
@@ -67,6 +70,8 @@ class PhaseGenerator:
     device: torch.device
     netG: str = ""
     weights: Path | None = None
+    output_nc: int = 1
+    residual: bool = False
 
     @property
     def input_nc(self) -> int:
@@ -109,7 +114,8 @@ class PhaseGenerator:
 
 
 def load_generator(
-    checkpoints_dir: str | Path, name: str, epoch: str = "latest", gpu_ids: list[int] | tuple[int, ...] = ()
+    checkpoints_dir: str | Path, name: str, epoch: str = "latest", device: torch.device = CPU,
+    *, gpu_ids: list[int] | None = None,
 ) -> PhaseGenerator:
     """Rebuild the generator of run ``name`` from its folder and load ``<epoch>_net_G.pth``.
 
@@ -117,7 +123,9 @@ def load_generator(
         checkpoints_dir: folder holding the run folders.
         name: the run's name (``--name`` at training, ``--model_name`` here).
         epoch: checkpoint label: ``latest`` or an epoch number.
-        gpu_ids: CUDA device indices; empty for the CPU (only the first is used).
+        device: where the generator runs (util/device.py's ``select_device(--gpu_ids)``).
+        gpu_ids: the older way to say ``device`` (empty for the CPU), still passed by
+            export_model.py; ``device`` is ignored when it is given.
 
     Raises:
         CheckpointError: the run folder, its ``train_opt.json`` or the weights are missing,
@@ -141,17 +149,19 @@ def load_generator(
     if missing:
         raise CheckpointError(f"{options_file}: lacks {', '.join(missing)}; was it written by this version's train.py?")
     opt = argparse.Namespace(**saved)
-    device = torch.device("cuda", gpu_ids[0]) if gpu_ids else torch.device("cpu")
+    if gpu_ids is not None:
+        device = select_device(gpu_ids)
     try:
-        net = define_G(opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, not opt.no_dropout,
-                       opt.init_type, opt.init_gain, list(gpu_ids), residual=opt.residual)
+        net = define_G(input_nc=opt.input_nc, output_nc=opt.output_nc, ngf=opt.ngf, netG=opt.netG, norm=opt.norm,
+                       use_dropout=not opt.no_dropout, init_type=opt.init_type, init_gain=opt.init_gain,
+                       residual=opt.residual, device=device)
         settings = SliceSettings.from_options(opt)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{options_file}: describes a network that cannot be built ({err})") from err
     load_state_dict_file(net, weights, device)
     net.eval()
     return PhaseGenerator(net=net, settings=settings, context_slices=int(opt.context_slices), device=device,
-                          netG=opt.netG, weights=weights)
+                          netG=opt.netG, weights=weights, output_nc=int(opt.output_nc), residual=bool(opt.residual))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """What every model shares: checkpoints, schedules, and the lists that make logging generic.
 
 A subclass fills ``loss_names``, ``model_names``, ``visual_names`` and ``optimizers`` and
-implements ``set_input``, ``forward`` and ``optimize_parameters``. Where and how a
+implements ``set_input``, ``forward`` and ``optimize_parameters``. Under torchrun, its training
+step runs each network that learns through :meth:`BaseModel.replica` (the network wrapped in
+DistributedDataParallel); the bare networks (``netG``, ...) are what is saved, loaded,
+validated and shown, so checkpoints keep upstream's keys. Where and how a
 checkpoint is written is the run folder's business (util/run_folder.py); the model hands it
 its networks' state dicts (never with NaN/Inf in them) and its optimiser and schedule state.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from models.networks import get_scheduler
 from util.run_folder import Checkpoint, CheckpointError, checkpoint_label, open_checkpoint
@@ -57,6 +61,7 @@ class BaseModel(ABC):
         self.optimizers: list[torch.optim.Optimizer] = []
         self.schedulers: list = []
         self.metric = 0.0  # for the plateau schedule
+        self.replicas: dict[str, DistributedDataParallel] = {}  # under torchrun, filled by setup()
 
     @staticmethod
     def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
@@ -75,6 +80,15 @@ class BaseModel(ABC):
     # -- set-up ---------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
         return {name: getattr(self, f"net{name}") for name in self.model_names}
+
+    def learning_networks(self) -> list[str]:
+        """The networks whose optimisers step in training (wrapped in DDP under torchrun)."""
+        return list(self.model_names) if self.is_train else []
+
+    def replica(self, name: str) -> nn.Module:
+        """What a training step runs for network ``name``: under torchrun its DDP wrapper, whose
+        backward pass averages the gradients over the processes; else the network itself."""
+        return self.replicas.get(name, getattr(self, f"net{name}"))
 
     def setup(self, opt: argparse.Namespace) -> Checkpoint | None:
         """Create schedules; load networks for testing or resuming; sync ranks under torchrun.
@@ -95,9 +109,23 @@ class BaseModel(ABC):
             for net in self.networks().values():
                 for tensor in net.state_dict().values():
                     dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
+            if dist.get_world_size() > 1:
+                self.replicas = {name: self._replicate(getattr(self, f"net{name}")) for name in self.learning_networks()}
         if opt.verbose:
             self.print_networks()
         return checkpoint
+
+    def _replicate(self, net: nn.Module) -> DistributedDataParallel:
+        """``net`` in DDP: gradients are averaged in buckets while the backward pass still runs."""
+        return DistributedDataParallel(
+            net,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            init_sync=False,  # setup() has just broadcast rank 0's weights and buffers
+            # Buffers (batch norm's running statistics; instance norm has none) stay each
+            # process's own, as with one process: rank 0's are saved. Syncing them would cost a
+            # broadcast before each of D's two or three forward passes per step.
+            forward_sync_buffers=False,
+        )
 
     def _new_scheduler(self, optimizer: torch.optim.Optimizer, epoch_count: int):
         opt = self.opt

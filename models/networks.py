@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from util.registry import lookup
@@ -73,6 +74,7 @@ def define_G(
     init_gain: float = 0.02,
     gpu_ids: Sequence[int] = (),
     residual: bool = False,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Build, place and initialise the generator ``netG`` (a key of ``GENERATORS``).
 
@@ -83,9 +85,13 @@ def define_G(
         norm: a key of ``NORM_LAYERS``.
         use_dropout: dropout in the U-Net's middle blocks / the ResNet blocks.
         init_type / init_gain: see :func:`init_weights`.
-        gpu_ids: CUDA device indices (a list of ints); empty for the CPU.
+        gpu_ids: upstream's way to say where the network goes: CUDA device indices, empty
+            for the CPU. Kept for code written against upstream (the reference's export
+            snippet); this project's code passes ``device``.
         residual: the network predicts a change to its input (``--residual``); same weights
             and keys, different forward.
+        device: where the network goes (util/device.py's ``select_device``); give it or
+            ``gpu_ids``, not both. Default: the CPU.
 
     Returns:
         The generator (not wrapped): ``(B, input_nc, H, W) -> (B, output_nc, H, W)`` in
@@ -98,7 +104,7 @@ def define_G(
     factory = lookup(GENERATORS, netG, "generator (--netG)")
     norm_layer = get_norm_layer(norm)
     net = factory(input_nc, output_nc, ngf=ngf, norm_layer=norm_layer, use_dropout=use_dropout, residual=residual)
-    net = init_net(to_sync_batchnorm(net, norm), init_type, init_gain, gpu_ids)
+    net = init_net(to_sync_batchnorm(net, norm), init_type, init_gain, gpu_ids, device=device)
     if residual:
         # A randomly initialised output layer adds ~200 HU of noise to every voxel; zeroed,
         # the untrained network returns its input exactly and training starts from there.
@@ -118,6 +124,7 @@ def define_D(
     init_type: str = "normal",
     init_gain: float = 0.02,
     gpu_ids: Sequence[int] = (),
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Build, place and initialise the discriminator ``netD`` (a key of ``DISCRIMINATORS``).
 
@@ -127,7 +134,7 @@ def define_D(
         netD: "basic" (70x70 PatchGAN) | "n_layers" (PatchGAN with ``n_layers_D``
             stride-2 convs) | "pixel" (1x1 PatchGAN).
         n_layers_D: depth for "n_layers"; ignored otherwise.
-        norm, init_type, init_gain, gpu_ids: as :func:`define_G`.
+        norm, init_type, init_gain, gpu_ids, device: as :func:`define_G`.
 
     Returns:
         The discriminator (not wrapped): ``(B, input_nc, H, W) -> (B, 1, H', W')`` logits.
@@ -139,4 +146,4 @@ def define_D(
     factory = lookup(DISCRIMINATORS, netD, "discriminator (--netD)")
     norm_layer = get_norm_layer(norm)
     net = factory(input_nc, ndf, n_layers_D, norm_layer)
-    return init_net(to_sync_batchnorm(net, norm), init_type, init_gain, gpu_ids)
+    return init_net(to_sync_batchnorm(net, norm), init_type, init_gain, gpu_ids, device=device)

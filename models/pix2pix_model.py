@@ -7,9 +7,12 @@ penalty (``D_GP``). D judges the pair ``cat(A, B)`` in overlapping patches (70x7
 ``--netD basic``). With ``--lambda_GAN 0`` the generator learns from L1 alone and D is
 neither run nor updated (its losses read 0), which saves its share of each step.
 
-Under torchrun the gradients of each network are averaged across processes after every
-backward pass (one all-reduce per network), so the networks are never wrapped and their
-state-dict keys stay upstream's.
+Under torchrun the training step runs G, and D where it learns, through DistributedDataParallel
+(:meth:`BaseModel.replica`): each backward pass averages that network's gradients over the
+processes while it runs. The G step's pass through D uses the bare D: D is fixed there, its
+parameters take no gradient, so there is nothing to average. With ``--lambda_GAN 0`` D never
+runs and is not wrapped. Saved and loaded are the bare networks, so the state-dict keys stay
+upstream's.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from models import MODELS
@@ -32,20 +34,6 @@ def set_requires_grad(nets: list[nn.Module], requires_grad: bool) -> None:
             param.requires_grad = requires_grad
 
 
-def average_gradients(net: nn.Module) -> None:
-    """Average ``net``'s gradients over all processes (no-op outside torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
-
-
 @MODELS.register("pix2pix")
 class Pix2PixModel(BaseModel):
     @staticmethod
@@ -53,14 +41,15 @@ class Pix2PixModel(BaseModel):
         # pix2pix's defaults: U-Net 256 with batch norm, no image pool, vanilla GAN loss.
         parser.set_defaults(norm="batch", netG="unet_256")
         if is_train:
-            parser.add_argument("--gan_mode", default="vanilla", choices=GAN_MODES,
-                                help="vanilla: cross-entropy; lsgan: least squares; wgangp: Wasserstein with gradient penalty")
-            parser.add_argument("--lambda_L1", type=float, default=100.0, help="weight of the L1 loss")
-            parser.add_argument("--lambda_GAN", type=float, default=1.0,
-                                help="weight of the generator's GAN loss; 0 trains G on L1 alone and skips D")
-            parser.add_argument("--l1_region", default="image", choices=("image", "body"),
-                                help="where the L1 loss is averaged: the whole slice, or the body of the target only")
-            parser.add_argument("--lambda_gp", type=float, default=10.0, help="weight of the gradient penalty (wgangp)")
+            g = parser.add_argument_group("losses (--model pix2pix)")
+            g.add_argument("--gan_mode", default="vanilla", choices=GAN_MODES,
+                           help="vanilla: cross-entropy; lsgan: least squares; wgangp: Wasserstein with gradient penalty")
+            g.add_argument("--lambda_L1", type=float, default=100.0, help="weight of the L1 loss")
+            g.add_argument("--lambda_GAN", type=float, default=1.0,
+                           help="weight of the generator's GAN loss; 0 trains G on L1 alone and skips D")
+            g.add_argument("--l1_region", default="image", choices=("image", "body"),
+                           help="where the L1 loss is averaged: the whole slice, or the body of the target only")
+            g.add_argument("--lambda_gp", type=float, default=10.0, help="weight of the gradient penalty (wgangp)")
         return parser
 
     def __init__(self, opt: argparse.Namespace, device: torch.device):
@@ -68,17 +57,17 @@ class Pix2PixModel(BaseModel):
         self.loss_names = ["G_GAN", "G_L1", "D_real", "D_fake"]
         self.visual_names = ["real_A", "fake_B", "real_B"]
         self.model_names = ["G", "D"] if self.is_train else ["G"]
-        gpu_ids = [device.index] if device.type == "cuda" else []
         self.netG = define_G(
-            opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, not opt.no_dropout,
-            opt.init_type, opt.init_gain, gpu_ids, residual=opt.residual,
+            input_nc=opt.input_nc, output_nc=opt.output_nc, ngf=opt.ngf, netG=opt.netG, norm=opt.norm,
+            use_dropout=not opt.no_dropout, init_type=opt.init_type, init_gain=opt.init_gain,
+            residual=opt.residual, device=device,
         )
         if not self.is_train:
             return
         # D sees the condition and the image: (B, input_nc + output_nc, H, W)
         self.netD = define_D(
-            opt.input_nc + opt.output_nc, opt.ndf, opt.netD, opt.n_layers_D, opt.norm,
-            opt.init_type, opt.init_gain, gpu_ids,
+            input_nc=opt.input_nc + opt.output_nc, ndf=opt.ndf, netD=opt.netD, n_layers_D=opt.n_layers_D,
+            norm=opt.norm, init_type=opt.init_type, init_gain=opt.init_gain, device=device,
         )
         if opt.gan_mode == "wgangp":
             self.loss_names.append("D_GP")
@@ -94,23 +83,28 @@ class Pix2PixModel(BaseModel):
         self.real_B = batch["B"].to(self.device, non_blocking=True).float()
         self.image_paths = batch["A_paths"]
 
+    def learning_networks(self) -> list[str]:
+        return ["G", "D"] if self.opt.lambda_GAN > 0 else ["G"]
+
     def forward(self) -> None:
         self.fake_B = self.netG(self.real_A)
 
     def backward_D(self) -> None:
+        netD = self.replica("D")
         fake_AB = torch.cat((self.real_A, self.fake_B), 1).detach()  # no gradient into G here
         real_AB = torch.cat((self.real_A, self.real_B), 1)
-        self.loss_D_fake = self.criterionGAN(self.netD(fake_AB), False)
-        self.loss_D_real = self.criterionGAN(self.netD(real_AB), True)
+        self.loss_D_fake = self.criterionGAN(netD(fake_AB), False)
+        self.loss_D_real = self.criterionGAN(netD(real_AB), True)
         self.loss_D = (self.loss_D_fake + self.loss_D_real) * 0.5
         if self.opt.gan_mode == "wgangp":
-            self.loss_D_GP, _ = cal_gradient_penalty(self.netD, real_AB, fake_AB, self.device, lambda_gp=self.opt.lambda_gp)
+            self.loss_D_GP, _ = cal_gradient_penalty(netD, real_AB, fake_AB, self.device, lambda_gp=self.opt.lambda_gp)
             self.loss_D = self.loss_D + self.loss_D_GP
         self.loss_D.backward()
 
     def backward_G(self) -> None:
         if self.opt.lambda_GAN > 0:
             fake_AB = torch.cat((self.real_A, self.fake_B), 1)
+            # The bare D: fixed in this step, it has no gradients for DDP to average.
             self.loss_G_GAN = self.criterionGAN(self.netD(fake_AB), True) * self.opt.lambda_GAN
         else:
             self.loss_G_GAN = self.fake_B.new_zeros(())
@@ -119,7 +113,7 @@ class Pix2PixModel(BaseModel):
         self.loss_G.backward()
 
     def optimize_parameters(self) -> None:
-        self.forward()
+        self.fake_B = self.replica("G")(self.real_A)  # forward() through DDP under torchrun
         if self.opt.lambda_GAN > 0:
             self.update_D()
         else:
@@ -127,7 +121,6 @@ class Pix2PixModel(BaseModel):
         self.optimizer_G.zero_grad(set_to_none=True)
         self.backward_G()
         self.check_finite_losses("G_GAN", "G_L1")
-        average_gradients(self.netG)
         self.optimizer_G.step()
 
     def update_D(self) -> None:
@@ -135,6 +128,5 @@ class Pix2PixModel(BaseModel):
         self.optimizer_D.zero_grad(set_to_none=True)
         self.backward_D()
         self.check_finite_losses("D_fake", "D_real", "D_GP")  # before the step: NaN never reaches the weights
-        average_gradients(self.netD)
         self.optimizer_D.step()
         set_requires_grad([self.netD], False)  # D is fixed while G learns

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import init
 
+from util.device import select_device
 from util.registry import lookup
 
 logger = logging.getLogger(__name__)
@@ -82,36 +83,30 @@ def init_net(
     init_type: str = "normal",
     init_gain: float = 0.02,
     gpu_ids: Sequence[int] = (),
+    device: torch.device | None = None,
 ) -> nn.Module:
-    """Move ``net`` to ``cuda:gpu_ids[0]`` (or leave it on the CPU), then initialise it.
+    """Move ``net`` to ``device``, then initialise it.
 
     Args:
         net: the network.
         init_type / init_gain: see :func:`init_weights`.
-        gpu_ids: GPU indices; empty for the CPU. Only the first is used: the network is
-            not wrapped in DataParallel (see the module docstring).
+        gpu_ids: upstream's way to give the device (GPU indices, empty for the CPU; only the
+            first is used: the network is not wrapped in DataParallel, see the module
+            docstring). Kept for code written against upstream.
+        device: where the network goes; give it or ``gpu_ids``, not both. Default: the CPU.
 
     Returns:
         ``net`` itself, on its device, with fresh weights.
 
     Raises:
         RuntimeError: GPUs requested but CUDA is not available, or an index is out of
-            range.
-        ValueError: unknown ``init_type``.
+            range (util.device.DeviceError).
+        ValueError: unknown ``init_type``, or both ``gpu_ids`` and ``device`` given.
     """
-    gpu_ids = list(gpu_ids)
-    if gpu_ids:
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"gpu_ids {gpu_ids} requested but CUDA is not available; "
-                "pass --gpu_ids -1 / gpu_ids=[] to run on the CPU"
-            )
-        count = torch.cuda.device_count()
-        if not all(0 <= i < count for i in gpu_ids):
-            raise RuntimeError(
-                f"gpu_ids {gpu_ids} requested but this machine has {count} CUDA device(s) "
-                f"(valid ids 0..{count - 1})"
-            )
-        net.to(torch.device("cuda", gpu_ids[0]))
+    if device is None:
+        device = select_device(gpu_ids)
+    elif gpu_ids:
+        raise ValueError(f"gpu_ids {list(gpu_ids)} and device {device} given: pass one of them")
+    net.to(device)
     init_weights(net, init_type, init_gain)
     return net

@@ -21,6 +21,7 @@ import data
 import models
 from models.generators import GENERATORS, required_divisor
 from models.norms import NORM_HELP, NORM_LAYERS
+from util.device import add_gpu_ids_argument
 from util.registry import unknown_name_error
 from util.run_folder import (
     MODEL_DEFINING_OPTIONS,
@@ -39,8 +40,37 @@ class OptionsError(ValueError):
     """A flag value, or a combination of values, that cannot work."""
 
 
+def parse_bool(text: str) -> bool:
+    """``True``/``False`` (any case; also yes/no, 1/0) -> bool."""
+    word = text.strip().lower()
+    if word in ("true", "yes", "1"):
+        return True
+    if word in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+class BooleanFlag(argparse.Action):
+    """An on/off flag: given bare (``--axial_slice``) it is on, and it also takes an explicit
+    value (``--axial_slice True``, ``--axial_slice False``), as the reference's parameter
+    table writes its flags. Default off."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs="?", const=True, default=default, type=parse_bool,
+                         required=required, help=help, metavar="True|False")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr and exit code 2."""
+    """An ArgumentParser whose errors are one line on stderr and exit code 2, and whose
+    ``action="store_true"`` flags are :class:`BooleanFlag` (they also take True/False)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Registered by name, so that plug-ins' flags and argument groups get it too.
+        self.register("action", "store_true", BooleanFlag)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -49,15 +79,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
         # argparse lists the choices; we also suggest the closest one, as every registry does.
         if action.choices is not None and value not in action.choices:
             raise argparse.ArgumentError(action, str(unknown_name_error("value", value, map(str, action.choices))))
-
-
-def parse_gpu_ids(text: str) -> list[int]:
-    """``"0,1"`` -> ``[0, 1]``; ``"-1"`` -> ``[]`` (CPU)."""
-    try:
-        ids = [int(part) for part in str(text).split(",") if part.strip() != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0 or 0,1 or -1, got {text!r}") from None
-    return [i for i in ids if i >= 0]
 
 
 def positive_int_or_inf(text: str) -> float:
@@ -73,25 +94,23 @@ class BaseOptions:
     is_train = False
 
     def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        default_gpus = "0" if torch.cuda.is_available() else "-1"
         g = parser.add_argument_group("experiment")
         g.add_argument("--dataroot", help="folder holding <phase>A/ and <phase>B/ (e.g. trainA/, trainB/)")
         g.add_argument("--name", default="experiment_name", help="run name: checkpoints go to <checkpoints_dir>/<name>/")
-        g.add_argument("--gpu_ids", type=parse_gpu_ids, default=parse_gpu_ids(default_gpus),
-                       help=f"GPU ids, e.g. 0 or 0,1; -1 for the CPU (default here: {default_gpus})")
+        add_gpu_ids_argument(g, "GPU ids, e.g. 0 or 0,1 (under torchrun each process takes GPU LOCAL_RANK)")
         g.add_argument("--checkpoints_dir", default="./checkpoints", help="models are saved here")
         g.add_argument("--seed", type=int, default=0, help="random seed for weights, shuffling and flips")
 
         g = parser.add_argument_group("model")
         g.add_argument("--model", default="pix2pix", choices=models.MODEL_NAMES, help="which model (models/<model>_model.py)")
-        g.add_argument("--input_nc", type=int, default=1, help="input channels (1 for CT; 1+2K with --context_slices K)")
+        g.add_argument("--input_nc", type=int, default=1, help="input channels: 1 for CT; with --context_slices K the network takes 1+2K, and 1 is read as the CT channel beside its 2K neighbours")
         g.add_argument("--output_nc", type=int, default=1, help="output channels (1 for CT)")
         g.add_argument("--ngf", type=int, default=64, help="generator filters in the last conv layer")
         g.add_argument("--ndf", type=int, default=64, help="discriminator filters in the first conv layer")
         g.add_argument("--netD", default="basic", choices=sorted(models.networks.DISCRIMINATORS),
                        help="basic: 70x70 PatchGAN; n_layers: PatchGAN with --n_layers_D; pixel: 1x1 PixelGAN")
         g.add_argument("--netG", default="resnet_9blocks", choices=sorted(GENERATORS),
-                       help="generator; unet_N takes NxN slices down to 1x1 (pix2pix's default is unet_256)")
+                       help="generator; unet_N halves N x N slices down to 1x1 (--resize_to a multiple of N); the default is --model's")
         g.add_argument("--n_layers_D", type=int, default=3, help="layers of the n_layers discriminator")
         g.add_argument("--norm", default="instance", choices=sorted(NORM_LAYERS), help=NORM_HELP)
         g.add_argument("--init_type", default="normal", choices=sorted(models.networks.INIT_TYPES), help="weight initialisation")
@@ -109,7 +128,7 @@ class BaseOptions:
         # on a CPU, worker processes only add shared-memory copies, so they help only beside a GPU.
         default_workers = 4 if torch.cuda.is_available() else 0
         g.add_argument("--num_threads", type=int, default=default_workers,
-                       help=f"DataLoader worker processes; 0 loads in the main process (default here: {default_workers})")
+                       help="DataLoader worker processes; 0 loads in the main process (the default without CUDA; 4 with it)")
         g.add_argument("--batch_size", type=int, default=1, help="slices per batch (per GPU under torchrun)")
         g.add_argument("--preprocess", default="none", choices=("none",),
                        help="kept for pix2pix compatibility; slices are resized with --resize_to")
@@ -121,7 +140,7 @@ class BaseOptions:
         g = parser.add_argument_group("loading")
         g.add_argument("--epoch", default="latest", help="which checkpoint to load: latest, or an epoch number")
         g.add_argument("--load_iter", type=int, default=0,
-                       help="if > 0, load the checkpoint saved at this iteration (iter_<n>) instead of --epoch")
+                       help="if > 0, load the checkpoint iter_<N> (saved by --save_by_iter after N slices) instead of --epoch")
         g.add_argument("--verbose", action="store_true", help="print network architectures and debug messages")
         g.add_argument("--suffix", default="", help="appended to --name, formatted with the options: e.g. {model}_{netG}")
         return parser
@@ -130,7 +149,9 @@ class BaseOptions:
     def build_parser(self, argv: list[str]) -> argparse.ArgumentParser:
         """The full parser for ``argv``: base flags, plus those of the chosen plug-ins, with
         defaults taken from a saved run where one applies."""
-        parser = self.initialize(OneLineErrorParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+        # --help is added last: parsed any earlier, it would print and exit before the
+        # plug-ins had added their flags and set their defaults (pix2pix's unet_256, ...).
+        parser = self.initialize(OneLineErrorParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=False))
         known, _ = parser.parse_known_args(argv)
         models.get_option_setter(known.model)(parser, self.is_train)
         known, _ = parser.parse_known_args(argv)
@@ -141,6 +162,9 @@ class BaseOptions:
         context = getattr(known, "context_slices", 0)
         if context > 0 and not _given(argv, "--input_nc"):
             parser.set_defaults(input_nc=1 + 2 * context)
+        parser.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS,
+                            help="show this help message, with the defaults of this command line's --model, "
+                            "--dataset_mode (and saved run), and exit")
         return parser
 
     def set_saved_defaults(self, parser: argparse.ArgumentParser, known: argparse.Namespace) -> None:
@@ -154,6 +178,10 @@ class BaseOptions:
         opt.isTrain = self.is_train
         if opt.suffix:
             opt.name = f"{opt.name}_{opt.suffix.format(**vars(opt))}"
+        if getattr(opt, "context_slices", 0) and opt.input_nc == 1:
+            # The reference's commands write --input_nc 1 for CT's one channel: 2.5D adds the
+            # 2K neighbours to it, so those commands run as written on a --preset phase0 run.
+            opt.input_nc = 1 + 2 * opt.context_slices
         try:
             self.validate(opt, argv)
         except OptionsError as err:
@@ -183,7 +211,7 @@ class BaseOptions:
         if getattr(opt, "context_slices", 0) and opt.input_nc != 1 + 2 * opt.context_slices:
             raise OptionsError(
                 f"--input_nc {opt.input_nc} does not match --context_slices {opt.context_slices}: "
-                f"the input has 1+2K = {1 + 2 * opt.context_slices} channels (leave --input_nc out)"
+                f"the input has 1+2K = {1 + 2 * opt.context_slices} channels (give 1 or 1+2K, or leave --input_nc out)"
             )
         if opt.residual and opt.output_nc not in (1, opt.input_nc):
             raise OptionsError(f"--residual adds the input slice to the output: --output_nc must be 1 or --input_nc, got {opt.output_nc}")
@@ -196,12 +224,6 @@ class BaseOptions:
                 raise OptionsError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
         if opt.num_threads < 0:
             raise OptionsError(f"--num_threads must be 0 or more, got {opt.num_threads}")
-        if opt.gpu_ids and not torch.cuda.is_available():
-            raise OptionsError(
-                f"--gpu_ids {','.join(map(str, opt.gpu_ids))}: CUDA is not available on this machine; use --gpu_ids -1 for the CPU"
-            )
-        if opt.gpu_ids and max(opt.gpu_ids) >= torch.cuda.device_count():
-            raise OptionsError(f"--gpu_ids {opt.gpu_ids}: this machine has {torch.cuda.device_count()} GPU(s)")
 
     # -- reporting -------------------------------------------------------------------------
     def format_options(self, opt: argparse.Namespace) -> str:

@@ -24,23 +24,23 @@ class TrainOptions(BaseOptions):
     def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser = super().initialize(parser)
         g = parser.add_argument_group("display and logging")
-        g.add_argument("--display_freq", type=int, default=400, help="show training images every N iterations")
+        g.add_argument("--display_freq", type=int, default=400, help="show training images every N slices trained on")
         g.add_argument("--display_ncols", type=int, default=4, help="images per row in Visdom")
         g.add_argument("--display_id", type=int, default=1, help="Visdom window id; 0 turns Visdom off")
         g.add_argument("--display_server", default="http://localhost", help="Visdom server")
         g.add_argument("--display_env", default="main", help="Visdom environment")
         g.add_argument("--display_port", type=int, default=8097, help="Visdom port")
-        g.add_argument("--update_html_freq", type=int, default=1000, help="save training images to the HTML page every N iterations")
-        g.add_argument("--print_freq", type=int, default=100, help="print and log losses every N iterations")
+        g.add_argument("--update_html_freq", type=int, default=1000, help="also save the shown images to the HTML page every N slices")
+        g.add_argument("--print_freq", type=int, default=100, help="print and log the losses of a step every N slices")
         g.add_argument("--no_html", action="store_true", help="do not write <checkpoints_dir>/<name>/web/")
         add_display_window_argument(g, "the training page (with --intensity hu)")
         g.add_argument("--log_dir", default="./logs", help="train_log_YYYYMMDD_HHMMSS.txt goes here")
 
         g = parser.add_argument_group("saving and resuming")
-        g.add_argument("--save_latest_freq", type=int, default=5000, help="save 'latest' every N iterations")
+        g.add_argument("--save_latest_freq", type=int, default=5000, help="save 'latest' every N slices (and at the end of every epoch)")
         g.add_argument("--save_epoch_freq", type=int, default=5, help="save <epoch>_net_*.pth every N epochs")
-        g.add_argument("--save_by_iter", action="store_true", help="also keep the iteration-numbered copy when saving 'latest'")
-        g.add_argument("--continue_train", action="store_true", help="resume from the checkpoint named by --epoch (default latest)")
+        g.add_argument("--save_by_iter", action="store_true", help="every --save_latest_freq slices, save iter_<N> (N: slices trained on so far) instead of 'latest'")
+        g.add_argument("--continue_train", action="store_true", help="resume from the checkpoint named by --epoch or --load_iter")
         g.add_argument("--epoch_count", type=int, default=1,
                        help="number of the first epoch; on resume, defaults to the epoch after the saved one")
         g.add_argument("--phase", default="train", help="data subfolders <phase>A/ and <phase>B/")
@@ -57,7 +57,7 @@ class TrainOptions(BaseOptions):
         g.add_argument("--num_val", type=int, default=5, help="held-out patients scored at each validation")
         g.add_argument("--lpips", action="store_true", help="add LPIPS to validation (needs torchvision's AlexNet weights)")
         g.add_argument("--skip_nonfinite", type=int, default=0,
-                       help="skip up to N batches whose loss is NaN/Inf (default 0: the first one stops the run)")
+                       help="skip up to N steps whose loss is NaN/Inf; 0: the first one stops the run")
 
         g = parser.add_argument_group("optimisation")
         g.add_argument("--preset", choices=sorted(PRESETS),

@@ -67,7 +67,8 @@ def make_run_folder(checkpoints_dir: Path, name: str, dataroot: Path, extra_flag
     run_folder = checkpoints_dir / name
     options.save(opt, run_folder, "train")
     torch.manual_seed(0)
-    net = define_G(opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, False, opt.init_type, opt.init_gain, [])
+    net = define_G(input_nc=opt.input_nc, output_nc=opt.output_nc, ngf=opt.ngf, netG=opt.netG, norm=opt.norm,
+                   use_dropout=False, init_type=opt.init_type, init_gain=opt.init_gain)
     torch.save(net.state_dict(), run_folder / "latest_net_G.pth")
     return run_folder
 

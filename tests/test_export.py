@@ -91,13 +91,13 @@ def exported(tmp_path_factory, tiny_run) -> tuple[Path, subprocess.CompletedProc
 def test_export_model_writes_both_formats_and_checks_them(exported, tiny_run):
     output_dir, result = exported
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in output_dir.iterdir()) == ["tiny_latest_G.onnx", "tiny_latest_G.pt"]
+    assert sorted(p.name for p in output_dir.iterdir()) == ["tiny_latest_G.json", "tiny_latest_G.onnx", "tiny_latest_G.pt"]
     report = result.stdout.splitlines()
     assert any(line.startswith("torchscript:") and line.endswith("ok") for line in report), result.stdout
     assert any(line.startswith("onnx:") and line.endswith("ok") for line in report), result.stdout
 
     # Check again here, independently of the script: same input, eager vs exported.
-    generator = load_generator(tiny_run.parent, tiny_run.name, "latest", [])
+    generator = load_generator(tiny_run.parent, tiny_run.name, "latest")
     batch = example_input(generator, VERIFY_BATCH, seed=7)  # (3, 1, 128, 128) in [-1, 1]
     with torch.no_grad():
         expected = generator.net(batch).numpy()

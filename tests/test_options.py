@@ -7,6 +7,7 @@ import shlex
 import pytest
 import torch
 
+from data.slice_cache import SliceSettings
 from options.test_options import TestOptions
 from options.train_options import TrainOptions
 from tests.conftest import make_run_folder, run_script
@@ -63,12 +64,18 @@ def test_upstream_pix2pix_defaults(phantom_root):
     ],
 )
 def test_flag_combinations_that_work(phantom_root, extra):
-    parse_train(f"{REFERENCE_TRAIN} {extra}".replace("--input_nc 1 ", "" if "context" in extra else "--input_nc 1 "), phantom_root)
+    parse_train(f"{REFERENCE_TRAIN} {extra}", phantom_root)
 
 
 def test_context_slices_set_input_channels(phantom_root):
     opt = TrainOptions().parse(["--dataroot", str(phantom_root), "--gpu_ids", "-1", "--context_slices", "2"])
     assert opt.input_nc == 5
+
+
+def test_the_references_input_nc_1_counts_the_ct_channel_beside_its_neighbours(phantom_root):
+    # The reference's Step-4 command with the recommended preset (one neighbour on each side)
+    opt = parse_train(f"{REFERENCE_TRAIN} --preset phase0", phantom_root)
+    assert (opt.context_slices, opt.input_nc) == (1, 3)
 
 
 def test_suffix_extends_the_name(phantom_root):
@@ -83,7 +90,7 @@ def test_suffix_extends_the_name(phantom_root):
         ("--netG unet_256 --resize_to 300", "multiple of 256"),
         ("--netG unet512", "did you mean 'unet_512'"),
         ("--norm instanse", "did you mean 'instance'"),
-        ("--context_slices 2 --input_nc 1", "--input_nc 1 does not match --context_slices 2"),
+        ("--context_slices 2 --input_nc 3", "--input_nc 3 does not match --context_slices 2"),
         ("--intensity hu --hu_min 100 --hu_max -100", "--hu_max -100.0 must be above --hu_min 100.0"),
         ("--batch_size 0", "--batch_size must be at least 1"),
         ("--n_epochs 0 --n_epochs_decay 0", "need at least one epoch"),
@@ -149,3 +156,39 @@ def test_a_preset_sets_its_flags_and_the_command_line_still_wins(phantom_root):
     assert not plain.residual and plain.preset is None
     changed = parse_train("--preset phase0 --lambda_L1 7 --intensity volume", phantom_root)
     assert changed.lambda_L1 == 7.0 and changed.intensity == "volume" and changed.residual
+
+
+@pytest.mark.parametrize(
+    ("words", "axial_slice", "skip_corrupted"),
+    [
+        ("--axial_slice --skip_corrupted", True, True),  # bare flags, as in the reference's commands
+        ("--axial_slice True --skip_corrupted True", True, True),  # as its parameter table writes them
+        ("--axial_slice true --skip_corrupted yes", True, True),
+        ("--axial_slice False --skip_corrupted False", False, False),
+        ("--axial_slice=False --skip_corrupted 0", False, False),
+        ("", False, False),
+    ],
+)
+def test_on_off_flags_also_take_true_or_false(phantom_root, words, axial_slice, skip_corrupted):
+    # --slice_axis coronal shows whether --axial_slice acts: when on, it makes the slices axial.
+    opt = parse_train(f"{words} --slice_axis coronal", phantom_root)
+    assert (opt.axial_slice, opt.skip_corrupted) == (axial_slice, skip_corrupted)
+    assert SliceSettings.from_options(opt).slice_axis == ("axial" if axial_slice else "coronal")
+
+
+def test_the_reference_parameter_table_parses_as_written(phantom_root):
+    table_form = REFERENCE_TRAIN.replace("--skip_corrupted", "--skip_corrupted True").replace(
+        "--axial_slice", "--axial_slice True"
+    )
+    assert vars(parse_train(table_form, phantom_root)) == vars(parse_train(REFERENCE_TRAIN, phantom_root))
+    assert parse_train("--no_dropout False", phantom_root).no_dropout is False
+    assert parse_train("--no_dropout True", phantom_root).no_dropout is True
+
+
+@pytest.mark.parametrize("options_class", [TrainOptions, TestOptions])
+def test_an_on_off_flag_with_another_value_is_one_line(phantom_root, capsys, options_class):
+    with pytest.raises(SystemExit) as exit_info:
+        options_class().parse(["--dataroot", str(phantom_root), "--gpu_ids", "-1", "--axial_slice", "maybe"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--axial_slice: expected True or False, got 'maybe'" in lines[0], lines

@@ -366,7 +366,7 @@ def test_script_reports_a_truncated_file_in_one_line(tmp_path, tiny_run, anatomy
 
 @pytest.fixture(scope="module")
 def generator(tiny_run):
-    return load_generator(tiny_run.parent, tiny_run.name, "latest", [])
+    return load_generator(tiny_run.parent, tiny_run.name, "latest")
 
 
 def test_failure_while_writing_pngs_leaves_nothing(tmp_path, generator, anatomy, monkeypatch):
@@ -411,7 +411,7 @@ def test_batch_size_and_neighbour_slices_do_not_change_the_result(tmp_path, phan
     run = make_run_folder(
         tmp_path, "context", phantom_root, ["--intensity", "hu", "--context_slices", "1", "--input_nc", "3"]
     )
-    generator = load_generator(run.parent, run.name, "latest", [])
+    generator = load_generator(run.parent, run.name, "latest")
     crop = np.ascontiguousarray(anatomy[1][8:56, 12:52])
     one_at_a_time, _ = generator.translate(crop, batch_size=1)
     all_at_once, _ = generator.translate(crop, batch_size=100)

@@ -110,7 +110,7 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
     sampler = EpochSampler(len(dataset), opt.seed, shuffle=not opt.serial_batches, flip=not opt.no_flip,
                            rank=runtime.rank, world_size=runtime.world_size)
     loader_seed = torch.Generator()
-    loader = create_dataloader(dataset, opt, sampler, generator=loader_seed)
+    loader = create_dataloader(dataset, opt, sampler, pin_memory=runtime.device.type == "cuda", generator=loader_seed)
 
     model = create_model(opt, runtime.device)
     checkpoint = model.setup(opt)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from util.device import select_device
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -40,17 +42,14 @@ def setup_runtime(opt: argparse.Namespace) -> Runtime:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if opt.gpu_ids:
-        index = local_rank if world_size > 1 else opt.gpu_ids[0]
-        device = torch.device("cuda", index)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else None
+    device = select_device(opt.gpu_ids, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         # Fixed slice sizes: let cuDNN pick the fastest kernels once; TF32 matmuls on Ampere+.
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     seed = opt.seed + rank  # different shuffles and flips per process; weights come from rank 0
