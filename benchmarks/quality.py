@@ -154,7 +154,7 @@ def cell(values: list[float], fmt: str) -> str:
 
 def table(rows: list[dict], iterations: int) -> str:
     lines = [
-        "| recipe | seeds | iterations | train time (s) | MAE (HU) | input MAE | reduction | PSNR (dB) | SSIM "
+        "| recipe | seeds | steps | train time (s) | MAE (HU) | input MAE | reduction | PSNR (dB) | SSIM "
         "| moving MAE (input) | static MAE (input) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

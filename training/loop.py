@@ -167,7 +167,7 @@ def _train_epochs(opt, model, loader, sampler, loader_seed, visualizer, validato
         if stop.requested:
             save(LATEST, epoch_complete=False, with_optimizers=True)
             raise Interrupted(
-                f"stopped by {stop.name} at epoch {epoch}, step {progress.step} (iteration {progress.total_iters}); "
+                f"stopped by {stop.name} at epoch {epoch}, step {progress.step} ({progress.total_iters} slices in all); "
                 "'latest' saved; resume with --continue_train", stop.signum, saved=True,
             )
 
@@ -279,9 +279,9 @@ def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, sam
     return OrderedDict((name, total / max(progress.loss_steps, 1)) for name, total in sums.items())
 
 
-def _skip_or_stop(opt, model: BaseModel, progress: Progress, err: NonFiniteError, iteration: int) -> None:
+def _skip_or_stop(opt, model: BaseModel, progress: Progress, err: NonFiniteError, slices_done: int) -> None:
     """A NaN/Inf loss: skip the batch while ``--skip_nonfinite`` allows, else stop with one line."""
-    where = f"epoch {progress.epoch}, step {progress.step + 1} (iteration {iteration})"
+    where = f"epoch {progress.epoch}, step {progress.step + 1} ({slices_done} slices in all)"
     progress.nonfinite_skipped += 1
     for optimizer in model.optimizers:
         optimizer.zero_grad(set_to_none=True)
