@@ -63,6 +63,7 @@ RECIPES: dict[str, dict] = {
     "recommended/vanilla-GAN": {"base": "recommended", "add": ["--gan_mode", "vanilla"]},
     "recommended/L1-image": {"base": "recommended", "add": ["--l1_region", "image"]},
     "recommended/5-slices": {"base": "recommended", "add": ["--context_slices", "2"]},
+    "recommended/dropout": {"base": "recommended", "add": ["--no_dropout", "False"]},
 }
 STUDY = list(RECIPES)
 SMOKE = ["reference", "recommended"]
