@@ -118,3 +118,16 @@ def test_the_commands_after_training_run_on_the_demos_run(tmp_path, phantom_root
                    "processed_results/patient_1_phase0.nii.gz", "exports/ct_phase0_demo_latest_G.onnx",
                    "exports/ct_phase0_demo_latest_G.json", "results/patient_1_phase0_onnx.nii.gz"):
         assert (tmp_path / output).is_file(), output
+
+
+def test_the_recommended_command_is_the_references_with_the_preset(phantom_root):
+    (command,) = [
+        block.replace("\\\n", " ") for block in readme_blocks("### The recommended recipe", "bash")
+        if block.startswith("python train.py")
+    ]
+    words = shlex.split(command)[2:]
+    opt = TrainOptions().parse([*words, "--dataroot", str(phantom_root), "--gpu_ids", "-1"])
+    # the preset's measured values, with the reference's resolution and generator
+    assert (opt.residual, opt.intensity, opt.context_slices, opt.input_nc, opt.gan_mode, opt.l1_region) == (
+        True, "hu", 1, 3, "lsgan", "body")
+    assert (opt.netG, opt.resize_to, opt.lr, opt.lambda_L1) == ("unet_512", 512, 0.0002, 1000.0)
