@@ -4,7 +4,8 @@
         --model_name ct_phase0_generator_optimized
 
 Loads the model once and translates each ``.nii``/``.nii.gz`` file of ``--input_dir`` (in
-name order) as use_model.py does. Inputs whose output already exists are skipped, so an
+name order) as use_model.py does, reading the next file and writing the previous one while
+the network works on the current one. Inputs whose output already exists are skipped, so an
 interrupted batch resumes where it stopped; a file that fails is reported and the batch
 goes on. ``<output_dir>/summary.csv`` lists every file with its status
 (ok | skipped | failed), error, slices and seconds. Exit code 1 if any file failed.
@@ -20,13 +21,8 @@ from tqdm import tqdm
 
 from data.volume_io import VolumeError
 from inference.batch import SUMMARY_FILE, find_inputs, summarise, translate_folder, write_summary
-from inference.cli import (
-    add_checkpoint_arguments,
-    add_translation_arguments,
-    new_parser,
-    run_cli,
-)
-from inference.volume import load_generator, make_output_dir
+from inference.volume import describe_stages, load_generator, make_output_dir
+from options.cli import add_checkpoint_arguments, add_translation_arguments, new_parser, run_cli
 from util.device import add_gpu_ids_argument, select_device
 
 
@@ -47,7 +43,7 @@ def main(opt: argparse.Namespace) -> int:
         raise VolumeError(
             output_dir, "is also --input_dir; outputs would be read as inputs next time, choose another folder"
         )
-    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, select_device(opt.gpu_ids))
+    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, select_device(opt.gpu_ids), opt.precision)
     print(f"model: {generator.describe()}")
     make_output_dir(output_dir)
     summary_path = output_dir / SUMMARY_FILE
@@ -66,6 +62,8 @@ def main(opt: argparse.Namespace) -> int:
         write_summary(rows, summary_path)  # kept current, so an interrupted batch leaves one too
         if row.status == "failed":
             tqdm.write(f"warning: {row.error}", file=sys.stderr)
+        elif opt.verbose and row.status == "ok":
+            tqdm.write(f"{row.file}: {describe_stages(row.stage_seconds)}")
     print(f"{summarise(rows)}; summary: {summary_path}")
     return 1 if any(row.status == "failed" for row in rows) else 0
 

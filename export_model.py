@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from inference.cli import add_checkpoint_arguments, new_parser, run_cli
 from inference.export import (
     DEFAULT_OPSET,
     DEFAULT_TOLERANCE,
@@ -27,6 +26,8 @@ from inference.export import (
     metadata_path,
 )
 from inference.volume import load_generator
+from options.cli import add_checkpoint_arguments, new_parser, run_cli
+from util.device import CPU
 
 PROG = "export_model.py"
 
@@ -49,7 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(opt: argparse.Namespace) -> int:
-    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, gpu_ids=[])
+    # Built and checked on the CPU: the exported files do not depend on where they were made.
+    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, CPU)
     print(f"model: {generator.describe()}")
     exported = export_generator(generator, opt.output_dir, opt.model_name, opt.epoch, opt.format, opset=opt.opset)
     differences = max_differences(generator, exported)

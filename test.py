@@ -6,7 +6,7 @@
 
 The network is rebuilt from ``<checkpoints_dir>/<name>/train_opt.json``. Results go to
 ``<results_dir>/<name>/<phase>_<epoch>/``: ``volumes/``, ``index.html`` and, where
-``<phase>B/`` holds targets, ``metrics.csv`` and ``metrics.json`` (see evaluation/test_run.py).
+``<phase>B/`` holds targets, ``metrics.csv`` and ``metrics.json`` (see evaluation/results.py).
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import argparse
 import logging
 import sys
 
-from data.base_dataset import DatasetError
-from evaluation.test_run import results_folder, run_test
-from models.base_model import CheckpointError
+from evaluation.results import results_folder, run_test
+from options.cli import run_reporting_errors
 from options.test_options import TestOptions
-from util.cli import run_reporting_errors
 from util.runtime import setup_logging, setup_runtime
 
 logger = logging.getLogger("test")
@@ -38,4 +36,4 @@ def main(opt: argparse.Namespace, options: TestOptions) -> None:
 if __name__ == "__main__":
     options = TestOptions()
     opt = options.parse()
-    sys.exit(run_reporting_errors("test.py", lambda: main(opt, options), (DatasetError, CheckpointError)))
+    sys.exit(run_reporting_errors("test.py", lambda: main(opt, options)))

@@ -17,14 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from data.base_dataset import DatasetError
-from models.base_model import NonFiniteError
+from options.cli import run_reporting_errors
 from options.train_options import TrainOptions
 from training.loop import train
 from training.signals import StopRequests
-from util.cli import run_reporting_errors
-from util.device import DeviceError
-from util.run_folder import CheckpointError, RunLock, clear_run
+from util.run_folder import RunLock, clear_run
 from util.runtime import setup_logging, setup_runtime, shutdown
 
 logger = logging.getLogger("train")
@@ -64,9 +61,4 @@ def main(opt: argparse.Namespace, options: TrainOptions) -> None:
 if __name__ == "__main__":
     options = TrainOptions()
     opt = options.parse()
-    sys.exit(
-        run_reporting_errors(
-            "train.py", lambda: main(opt, options), (DatasetError, CheckpointError, NonFiniteError, DeviceError),
-            interrupted="interrupted; nothing was saved",
-        )
-    )
+    sys.exit(run_reporting_errors("train.py", lambda: main(opt, options), interrupted="interrupted; nothing was saved"))

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from inference.cli import (
-    add_checkpoint_arguments,
-    add_translation_arguments,
-    new_parser,
-    run_cli,
-)
-from inference.volume import load_generator, translate_file
+from inference.volume import describe_stages, load_generator, translate_file
+from options.cli import add_checkpoint_arguments, add_translation_arguments, new_parser, run_cli
 from util.device import add_gpu_ids_argument, select_device
 
 
@@ -39,7 +35,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(opt: argparse.Namespace) -> None:
-    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, select_device(opt.gpu_ids))
+    start = time.perf_counter()
+    device = select_device(opt.gpu_ids)
+    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, device, opt.precision)
+    load_seconds = time.perf_counter() - start
     print(f"model: {generator.describe()}")
     result = translate_file(
         generator,
@@ -51,6 +50,8 @@ def main(opt: argparse.Namespace) -> None:
         save_slices=not opt.no_slices,
     )
     print(f"{opt.input_nifti}: {result.n_slices} {generator.settings.slice_axis} slices in {result.seconds:.1f} s")
+    if opt.verbose:
+        print(f"times: load model {load_seconds:.2f} s, {describe_stages(result.stage_seconds)}")
     if result.slices_dir is not None:
         print(f"slices: {result.slices_dir}")
     print(result.output_path)

@@ -6,8 +6,10 @@ import argparse
 
 import torch.utils.data
 
+from util.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be used; the message names the file or folder and the problem."""
 
 

@@ -1,7 +1,8 @@
 """``--dataset_mode robust_nifti``: paired 2D slices cut from paired NIfTI volumes.
 
 Layout: ``<dataroot>/<phase>A/NAME.nii[.gz]`` (input, e.g. the average CT) pairs with
-``<dataroot>/<phase>B/NAME.nii[.gz]`` (target, e.g. phase 0) by identical file name.
+``<dataroot>/<phase>B/NAME.nii[.gz]`` (target, e.g. phase 0) by identical file name
+(data/pairing.py, which test.py and validation use too).
 
 For each pair, both volumes are brought to canonical RAS+ orientation (data/volume_io.py),
 cut into slices along ``--slice_axis`` (``--axial_slice`` = axial), normalised to 0-255 with
@@ -35,6 +36,7 @@ from torch.utils.data import default_collate
 from data import DATASETS
 from data.base_dataset import BaseDataset, DatasetError
 from data.intensity import INTENSITY_MODES
+from data.pairing import find_pairs, grid_mismatch
 from data.slice_cache import (
     CachedVolume,
     SliceReader,
@@ -45,12 +47,9 @@ from data.slice_cache import (
     source_identity,
 )
 from data.slicing import SLICE_AXES, context_indices
-from data.volume_io import VolumeError, is_nifti_path, strip_nifti_suffix
+from data.volume_io import VolumeError, strip_nifti_suffix
 
 logger = logging.getLogger(__name__)
-
-# Canonical affines of a registered pair agree to far better than this (mm).
-AFFINE_TOLERANCE_MM = 1e-3
 
 
 @dataclass
@@ -93,34 +92,6 @@ def add_slice_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     return parser
 
 
-def find_pairs(dataroot: Path, phase: str) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    """Pair ``<phase>A`` and ``<phase>B`` files by name.
-
-    Returns:
-        ``(pairs, unpaired)``, both sorted by name; non-NIfTI files are ignored.
-
-    Raises:
-        DatasetError: a folder is missing or holds no NIfTI file.
-    """
-    folders = [Path(dataroot) / f"{phase}{side}" for side in "AB"]
-    listings = []
-    for folder in folders:
-        if not folder.is_dir():
-            raise DatasetError(f"{folder}: folder not found; expected {phase}A/ and {phase}B/ under --dataroot")
-        names = {p.name: p for p in folder.iterdir() if is_nifti_path(p.name) and not p.name.startswith(".")}
-        if not names:
-            raise DatasetError(f"{folder}: no .nii or .nii.gz files")
-        listings.append(names)
-    a_files, b_files = listings
-    pairs = [(a_files[name], b_files[name]) for name in sorted(a_files.keys() & b_files.keys())]
-    unpaired = sorted(
-        [a_files[n] for n in a_files.keys() - b_files.keys()] + [b_files[n] for n in b_files.keys() - a_files.keys()]
-    )
-    if not pairs:
-        raise DatasetError(f"{folders[0]} and {folders[1]}: no file name appears in both folders")
-    return pairs, unpaired
-
-
 def load_pairs(
     pairs: list[tuple[Path, Path]],
     settings: SliceSettings,
@@ -158,20 +129,11 @@ def load_pairs(
         if len(entries) < 2:
             continue
         entry_a, entry_b = entries
-        if entry_a.canonical_shape != entry_b.canonical_shape:
-            skip(
-                path_b,
-                f"grid {entry_b.canonical_shape} differs from {path_a.parent.name}'s {entry_a.canonical_shape}; "
-                "register the pair first",
-            )
+        problem = grid_mismatch(path_a, entry_a.canonical_shape, entry_a.canonical_affine,
+                                path_b, entry_b.canonical_shape, entry_b.canonical_affine)
+        if problem:
+            skip(path_b, problem)
             continue
-        if not np.allclose(entry_a.canonical_affine, entry_b.canonical_affine, atol=AFFINE_TOLERANCE_MM):
-            logger.warning(
-                "%s: affine differs from %s's (max difference %.3g mm): the pair may be misregistered",
-                path_b,
-                path_a.parent.name,
-                np.abs(entry_a.canonical_affine - entry_b.canonical_affine).max(),
-            )
         usable = entry_a.usable & entry_b.usable
         if not usable.any():
             skip(path_a, "no slice is finite and non-constant in both volumes of the pair")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,3 +57,13 @@ def slice_for_display(image: np.ndarray, slice_axis: str) -> np.ndarray:
     if slice_axis in ("axial", "coronal"):
         return image.T[::-1, ::-1]
     return image.T[::-1, :]  # sagittal (Y, Z): rows superior..inferior, columns posterior..anterior
+
+
+def display_spacing_mm(spacing_mm: Sequence[float], slice_axis: str) -> tuple[float, float]:
+    """(row, column) spacing in mm of a slice along ``slice_axis`` once turned by :func:`slice_for_display`.
+
+    ``slice_for_display`` transposes the slice: of the two canonical axes it keeps, the second
+    runs down the rows and the first across the columns.
+    """
+    first, second = (axis for axis in range(3) if axis != SLICE_AXES[slice_axis])
+    return float(spacing_mm[second]), float(spacing_mm[first])

@@ -18,7 +18,9 @@ Contract
 ``read_volume`` returned and writes it back in the source file's exact grid: same storage
 order, shape, affine, qform/sform (with their codes), voxel sizes, units, NIfTI version and
 byte order. Writing is atomic (temporary file, then rename), so a failed or interrupted
-write never leaves a half-written output under the final name.
+write never leaves a half-written output under the final name. A ``.nii.gz`` holds the bytes
+nibabel writes for the ``.nii`` as one standard gzip stream (compressed by ISA-L, see
+:data:`GZIP_LEVEL`), which every NIfTI reader decodes.
 
 Every problem with a file surfaces as :class:`VolumeError`, whose message starts with the
 file's path and says what is wrong. That includes a header whose claims cannot be met, found
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.orientations import (
     apply_orientation,
@@ -51,6 +54,7 @@ from nibabel.orientations import (
 from nibabel.volumeutils import apply_read_scaling
 
 from util.atomic import atomic_path
+from util.errors import UserError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 OUTPUT_DTYPES = ("int16", "float32")
@@ -65,13 +69,18 @@ MAX_DEFLATE_RATIO = 1032
 # Bytes of free memory a decode may use; None: what the operating system reports
 # (:func:`available_memory_bytes`). Tests set it.
 AVAILABLE_MEMORY_BYTES: int | None = None
+# .nii.gz outputs are compressed by ISA-L (python-isal) at its highest level, 3: as small as
+# nibabel's zlib level 1 and about 7x faster (a 512 x 512 x 113 int16 volume on a CPU core:
+# 0.29 s against 2.07 s, 30.4 against 30.3 MB; benchmarks/nifti_write.py prints the table).
+# The file stays one standard gzip stream, which every NIfTI reader decodes.
+GZIP_LEVEL = 3
 _CANONICAL = axcodes2ornt("RAS")
 _INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
 
 logger = logging.getLogger(__name__)
 
 
-class VolumeError(ValueError):
+class VolumeError(UserError, ValueError):
     """A file that cannot be used as a volume. ``str(err)`` is ``"<path>: <problem>[; <hint>]"``.
 
     ``hint`` is advice for the command-line scripts that read one volume (``--frame``);
@@ -229,9 +238,10 @@ def _decode(proxy: ArrayProxy, meta: VolumeMeta, frame_index: int | None) -> np.
     float32 result plus one slab of scaling scratch, never a float64 copy of the volume.
     """
     # The same file, read without scl_slope/scl_inter: the scaling is ours, a slab at a time.
-    unscaled = ArrayProxy(proxy.file_like, (proxy.shape, proxy.dtype, proxy.offset))
-    raw = unscaled[(slice(None),) * 3 + (frame_index,)] if frame_index is not None else unscaled.get_unscaled()
-    raw = np.asarray(raw).reshape(meta.storage_shape)  # storage order, the file's dtype
+    with _voxel_source(proxy.file_like) as source:
+        unscaled = ArrayProxy(source, (proxy.shape, proxy.dtype, proxy.offset))
+        raw = unscaled[(slice(None),) * 3 + (frame_index,)] if frame_index is not None else unscaled.get_unscaled()
+        raw = np.asarray(raw).reshape(meta.storage_shape)  # storage order, the file's dtype
     # The result keeps the file's memory layout (x fastest in NIfTI), so an axial slice stays
     # one contiguous block: C order would transpose the volume here and again when it is cut
     # into slices. `target` is the same memory seen in storage order.
@@ -246,6 +256,17 @@ def _decode(proxy: ArrayProxy, meta: VolumeMeta, frame_index: int | None) -> np.
             scaled = apply_read_scaling(block, proxy.slope, proxy.inter)
             np.copyto(target[:, :, start : start + slab], scaled, casting="unsafe")
     return volume
+
+
+@contextmanager
+def _voxel_source(file_like):
+    """What nibabel should read the voxels from: a ``.nii.gz`` opened through ISA-L, which
+    decompresses about twice as fast as zlib (nibabel's own choice), else the file itself."""
+    if isinstance(file_like, str | os.PathLike) and _is_gzip_name(Path(file_like)):
+        with igzip.open(file_like, "rb") as stream:
+            yield stream
+    else:
+        yield file_like
 
 
 def write_volume(
@@ -275,17 +296,34 @@ def write_volume(
     if volume.shape != meta.canonical_shape:
         raise ValueError(f"{path}: volume shape {volume.shape} differs from the grid's {meta.canonical_shape}")
 
-    data = np.ascontiguousarray(meta.to_storage(volume))
+    # NIfTI stores x fastest (Fortran order): in that layout nibabel writes the voxels without
+    # another transposing copy. The element-wise steps below keep the layout.
+    data = np.asfortranarray(meta.to_storage(volume))
     if dtype == "int16":
-        data = np.clip(np.rint(data), *_INT16_RANGE).astype(np.int16)
+        rounded = np.rint(data)  # a new array, so the caller's volume is left alone
+        data = np.clip(rounded, *_INT16_RANGE, out=rounded).astype(np.int16)
     else:
         data = data.astype(np.float32)
 
     image = _build_image(data, meta)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    with atomic_path(path, suffix=suffix) as temporary:
-        nib.save(image, temporary)
+    compressed = path.name.lower().endswith(".nii.gz")
+    with atomic_path(path, suffix=".nii.gz" if compressed else ".nii") as temporary:
+        if compressed:
+            _write_gzipped(image, temporary)
+        else:
+            nib.save(image, temporary)
     return path
+
+
+def _write_gzipped(image: nib.Nifti1Image, path: Path) -> None:
+    """The bytes nibabel writes for a ``.nii`` (header, extensions, voxels) as one standard gzip
+    stream, compressed by ISA-L at :data:`GZIP_LEVEL`. Like nibabel's own writer, the gzip
+    header holds no file name and a zero time, so the same volume always gives the same file."""
+    with (
+        open(path, "wb") as file,
+        igzip.IGzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=file, mtime=0) as stream,
+    ):
+        image.to_stream(stream)
 
 
 def _build_image(data: np.ndarray, meta: VolumeMeta) -> nib.Nifti1Image:

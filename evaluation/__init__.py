@@ -1,1 +1,1 @@
-"""Scoring generated volumes against their targets, and the test run that writes the results page."""
+"""Scoring generated volumes against their targets: metrics, validation during training, and test.py's results."""

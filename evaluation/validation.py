@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.robust_nifti_dataset import find_pairs
+from data.pairing import find_pairs, read_pair
 from data.volume_io import VolumeError
 from evaluation.metrics import BASELINE_PREFIX, LPIPS_METRIC, evaluate_patient
 from evaluation.perceptual import LpipsScorer
-from evaluation.test_run import read_pair
 from inference.volume import PhaseGenerator
 from util.runtime import capture_rng, restore_rng
 

@@ -30,6 +30,3 @@ def get_option_setter(model_name: str):
 def create_model(opt: argparse.Namespace, device: torch.device):
     """Build the model named by ``opt.model`` on ``device``; call ``model.setup(opt)`` next."""
     return find_model_using_name(opt.model)(opt, device)
-
-
-from models import networks  # noqa: E402,F401  (re-exported for `models.networks.X` in options)

@@ -7,6 +7,13 @@ DistributedDataParallel); the bare networks (``netG``, ...) are what is saved, l
 validated and shown, so checkpoints keep upstream's keys. Where and how a
 checkpoint is written is the run folder's business (util/run_folder.py); the model hands it
 its networks' state dicts (never with NaN/Inf in them) and its optimiser and schedule state.
+
+A training step goes ``start_step()``; per optimiser, forward and losses under
+``fast_path.autocast()``, then ``backward(loss, *names)`` and ``step(optimizer)``; then
+``end_step()``. ``backward`` notes on the device whether a loss of ``names`` is NaN/Inf (on
+any process); ``step`` then leaves that optimiser's weights and state untouched, and so does
+every later ``step`` of the same training step. Nothing is read on the host unless Adam is not
+fused (util/fast_path.py); the loop reads ``loss_vector()`` and ``step_nonfinite`` when it needs them.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models.networks import get_scheduler
+from util.errors import UserError
+from util.fast_path import FastPath, load_optimizer_state
 from util.run_folder import Checkpoint, CheckpointError, checkpoint_label, open_checkpoint
 
-__all__ = ["BaseModel", "CheckpointError", "NonFiniteError", "load_state_dict_file"]
+__all__ = ["BaseModel", "NonFiniteError", "load_state_dict_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +43,7 @@ logger = logging.getLogger(__name__)
 _STALE_NORM_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(UserError, ValueError):
     """A loss or a weight that is NaN or Inf: training cannot go on from it, and it is never saved."""
 
     def __init__(self, message: str, losses: dict[str, float] | None = None):
@@ -62,6 +71,10 @@ class BaseModel(ABC):
         self.schedulers: list = []
         self.metric = 0.0  # for the plateau schedule
         self.replicas: dict[str, DistributedDataParallel] = {}  # under torchrun, filled by setup()
+        # How the training step runs (precision, fused Adam, memory format); plain fp32 for testing.
+        self.fast_path = FastPath.from_options(opt, device) if self.is_train else FastPath(device)
+        self.grad_scaler = self.fast_path.new_grad_scaler()  # fp16 only
+        self.step_nonfinite = torch.zeros((), device=device)  # 1.0 once a loss of this training step is NaN/Inf
 
     @staticmethod
     def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:
@@ -148,23 +161,51 @@ class BaseModel(ABC):
     def get_current_losses(self) -> OrderedDict[str, float]:
         return OrderedDict((name, getattr(self, f"loss_{name}").item()) for name in self.loss_names)
 
-    def check_finite_losses(self, *names: str) -> None:
-        """Raise :class:`NonFiniteError` if a loss of ``names`` (all by default) is NaN or Inf.
+    def loss_vector(self) -> torch.Tensor:
+        """(len(loss_names),) float32 on the device: this step's losses, in ``loss_names`` order, not yet read."""
+        return torch.stack([torch.as_tensor(getattr(self, f"loss_{name}"), device=self.device).detach().float()
+                            for name in self.loss_names])
 
-        Called before an optimiser steps, so a non-finite loss never reaches the weights.
+    # -- the training step ----------------------------------------------------------------
+    def start_step(self) -> None:
+        """A new training step: none of its losses is non-finite yet."""
+        self.step_nonfinite = torch.zeros((), device=self.device)
+
+    def backward(self, loss: torch.Tensor, *names: str) -> None:
+        """Back-propagate ``loss``, first noting on the device whether a loss of ``names`` is NaN/Inf.
+
+        Under torchrun the note is the maximum over the processes, so that all of them skip the
+        same steps (else the next all-reduce would wait forever). With a gradient scaler (fp16)
+        the loss is scaled, and a non-finite step's loss is multiplied by NaN so that every
+        gradient is NaN: the scaler's own check then skips the optimiser step.
         """
-        losses = {name: float(getattr(self, f"loss_{name}").detach()) for name in (names or self.loss_names)
-                  if hasattr(self, f"loss_{name}")}
-        bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+        losses = [getattr(self, f"loss_{name}", None) for name in names]  # D_GP only with wgangp
+        values = torch.stack([value.detach().float() for value in losses if isinstance(value, torch.Tensor)])
+        nonfinite = (~torch.isfinite(values)).any().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Every process must skip or stop at the same step, or the next all-reduce waits forever.
-            flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and not bad:
-                bad = {"(another process)": math.nan}
-        if bad:
-            text = ", ".join(f"{name} = {value}" for name, value in bad.items())
-            raise NonFiniteError(f"non-finite loss: {text}", losses)
+            dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+        self.step_nonfinite = torch.maximum(self.step_nonfinite, nonfinite)
+        if self.grad_scaler is not None:
+            poison = torch.where(self.step_nonfinite > 0, math.nan, 1.0)
+            loss = self.grad_scaler.scale(loss * poison)
+        loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` unless a loss of this training step was NaN/Inf: then its weights, moments and
+        step count stay as they were."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(optimizer)  # skips where gradients are not finite (see backward)
+        elif self.fast_path.fused_adam:
+            # The contract GradScaler uses: a fused optimiser skips its update, in the kernel, where found_inf is 1.
+            optimizer.found_inf = self.step_nonfinite
+            optimizer.step()
+        elif not bool(self.step_nonfinite):  # read on the host: Adam not fused cannot skip on the device
+            optimizer.step()
+
+    def end_step(self) -> None:
+        """After the last ``step`` of a training step: the gradient scaler adapts its scale."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()
 
     def get_current_visuals(self) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict((name, getattr(self, name)) for name in self.visual_names)
@@ -208,6 +249,8 @@ class BaseModel(ABC):
         state: dict = {"schedulers": [s.state_dict() for s in self.schedulers]}
         if with_optimizers:
             state["optimizers"] = [o.state_dict() for o in self.optimizers]
+        if self.grad_scaler is not None:  # fp16: the loss scale that training has found
+            state["grad_scaler"] = self.grad_scaler.state_dict()
         return state
 
     def load_networks(self, checkpoint: Checkpoint) -> None:
@@ -241,13 +284,18 @@ class BaseModel(ABC):
                 optimizers = state.get("optimizers")
                 if optimizers is not None:
                     for optimizer, saved in zip(self.optimizers, optimizers, strict=True):
-                        optimizer.load_state_dict(saved)
+                        load_optimizer_state(optimizer, saved)  # fused or not, as this run asks
                 else:
                     logger.warning("%s: no optimiser state kept for this checkpoint; Adam's moments start afresh "
                                    "(--save_optimizer_every_epoch keeps them)", path)
                 if self.opt.lr_policy == "plateau" and state.get("schedulers"):
                     for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
                         scheduler.load_state_dict(saved)
+                if self.grad_scaler is not None and state.get("grad_scaler"):
+                    self.grad_scaler.load_state_dict(state["grad_scaler"])
+                elif self.grad_scaler is not None:
+                    logger.info("%s: saved without fp16's gradient scaler (another --precision): the loss scale "
+                                "starts afresh", path)
             except Exception as err:
                 raise CheckpointError(
                     f"{path}: unusable training state ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .norms import NormFactory, uses_bias
+from .generators import NormFactory, uses_bias
 
 
 class NLayerDiscriminator(nn.Module):
@@ -27,7 +27,7 @@ class NLayerDiscriminator(nn.Module):
         input_nc: channels of the input (condition and image concatenated).
         ndf: filters in the first conv; later layers use up to ``ndf * 8``.
         n_layers: stride-2 convs.
-        norm_layer: norm factory from :func:`models.norms.get_norm_layer`.
+        norm_layer: norm factory from :func:`models.networks.get_norm_layer`.
 
     Shapes: ``(B, input_nc, H, W) -> (B, 1, H', W')`` with, per stride-2 conv,
     ``H -> H // 2`` and then ``H -> H - 1`` for each of the two stride-1 convs.

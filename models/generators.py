@@ -20,7 +20,21 @@ from torch import nn
 
 from util.registry import lookup
 
-from .norms import NormFactory, uses_bias
+# A norm layer factory (``--norm``, networks.get_norm_layer): called once per normalised
+# feature map, ``factory(num_features) -> nn.Module``.
+NormFactory = Callable[[int], nn.Module]
+
+
+def uses_bias(norm_layer: NormFactory) -> bool:
+    """Whether convolutions followed by ``norm_layer`` need their own bias (upstream's rule).
+
+    True only for InstanceNorm2d: it has no affine shift here, whereas batch norm adds its
+    own, so a conv bias would be redundant. "none" is False, as upstream (whose Identity
+    factory is not InstanceNorm2d). The rule decides which state-dict keys exist, so it must
+    not change; the discriminators follow it too.
+    """
+    func = norm_layer.func if isinstance(norm_layer, functools.partial) else norm_layer
+    return func is nn.InstanceNorm2d
 
 
 class UnetSkipConnectionBlock(nn.Module):
@@ -39,7 +53,7 @@ class UnetSkipConnectionBlock(nn.Module):
         input_nc: channels of this block's input; defaults to ``outer_nc``.
         submodule: the next inner block (None for the innermost).
         outermost / innermost: position in the U-Net.
-        norm_layer: norm factory from :func:`models.norms.get_norm_layer`.
+        norm_layer: norm factory from :func:`models.networks.get_norm_layer`.
         use_dropout: dropout after the upsampling of middle blocks.
 
     Shapes: ``(B, input_nc, H, W) -> (B, input_nc + outer_nc, H, W)``, or

@@ -13,6 +13,10 @@ processes while it runs. The G step's pass through D uses the bare D: D is fixed
 parameters take no gradient, so there is nothing to average. With ``--lambda_GAN 0`` D never
 runs and is not wrapped. Saved and loaded are the bare networks, so the state-dict keys stay
 upstream's.
+
+With ``--precision bf16``/``fp16`` (util/fast_path.py) the forward passes and the losses run
+under autocast, the weights, optimisers and losses stay float32, and the WGAN-GP penalty is
+taken in float32. A step whose losses are NaN/Inf is not applied (BaseModel.step).
 """
 
 from __future__ import annotations
@@ -24,8 +28,7 @@ from torch import nn
 
 from models import MODELS
 from models.base_model import BaseModel
-from models.losses import BodyL1Loss
-from models.networks import GAN_MODES, GANLoss, cal_gradient_penalty, define_D, define_G
+from models.networks import GAN_MODES, BodyL1Loss, GANLoss, cal_gradient_penalty, define_D, define_G
 
 
 def set_requires_grad(nets: list[nn.Module], requires_grad: bool) -> None:
@@ -57,30 +60,32 @@ class Pix2PixModel(BaseModel):
         self.loss_names = ["G_GAN", "G_L1", "D_real", "D_fake"]
         self.visual_names = ["real_A", "fake_B", "real_B"]
         self.model_names = ["G", "D"] if self.is_train else ["G"]
+        layout = self.fast_path.torch_memory_format  # --memory_format (contiguous for testing)
         self.netG = define_G(
             input_nc=opt.input_nc, output_nc=opt.output_nc, ngf=opt.ngf, netG=opt.netG, norm=opt.norm,
             use_dropout=not opt.no_dropout, init_type=opt.init_type, init_gain=opt.init_gain,
             residual=opt.residual, device=device,
-        )
+        ).to(memory_format=layout)
         if not self.is_train:
             return
         # D sees the condition and the image: (B, input_nc + output_nc, H, W)
         self.netD = define_D(
             input_nc=opt.input_nc + opt.output_nc, ndf=opt.ndf, netD=opt.netD, n_layers_D=opt.n_layers_D,
             norm=opt.norm, init_type=opt.init_type, init_gain=opt.init_gain, device=device,
-        )
+        ).to(memory_format=layout)
         if opt.gan_mode == "wgangp":
             self.loss_names.append("D_GP")
         self.criterionGAN = GANLoss(opt.gan_mode).to(device)
         self.criterionL1 = BodyL1Loss() if opt.l1_region == "body" else nn.L1Loss()
-        self.optimizer_G = torch.optim.Adam(self.netG.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
-        self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
+        self.optimizer_G = self.fast_path.adam(self.netG.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
+        self.optimizer_D = self.fast_path.adam(self.netD.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
         self.optimizers = [self.optimizer_G, self.optimizer_D]
 
     def set_input(self, batch: dict) -> None:
         """``batch["A"]``: (B, input_nc, H, W), ``batch["B"]``: (B, output_nc, H, W), in [-1, 1]."""
-        self.real_A = batch["A"].to(self.device, non_blocking=True).float()
-        self.real_B = batch["B"].to(self.device, non_blocking=True).float()
+        layout = self.fast_path.torch_memory_format
+        self.real_A = batch["A"].to(self.device, torch.float32, non_blocking=True, memory_format=layout)
+        self.real_B = batch["B"].to(self.device, torch.float32, non_blocking=True, memory_format=layout)
         self.image_paths = batch["A_paths"]
 
     def learning_networks(self) -> list[str]:
@@ -91,42 +96,48 @@ class Pix2PixModel(BaseModel):
 
     def backward_D(self) -> None:
         netD = self.replica("D")
-        fake_AB = torch.cat((self.real_A, self.fake_B), 1).detach()  # no gradient into G here
-        real_AB = torch.cat((self.real_A, self.real_B), 1)
-        self.loss_D_fake = self.criterionGAN(netD(fake_AB), False)
-        self.loss_D_real = self.criterionGAN(netD(real_AB), True)
-        self.loss_D = (self.loss_D_fake + self.loss_D_real) * 0.5
+        with self.fast_path.autocast():
+            # float32 under autocast too (cat promotes to its widest input)
+            fake_AB = torch.cat((self.real_A, self.fake_B), 1).detach()  # no gradient into G here
+            real_AB = torch.cat((self.real_A, self.real_B), 1)
+            self.loss_D_fake = self.criterionGAN(netD(fake_AB), False)
+            self.loss_D_real = self.criterionGAN(netD(real_AB), True)
+            self.loss_D = (self.loss_D_fake + self.loss_D_real) * 0.5
         if self.opt.gan_mode == "wgangp":
+            # Outside autocast: the penalty differentiates D's input gradient, which float16 could underflow.
             self.loss_D_GP, _ = cal_gradient_penalty(netD, real_AB, fake_AB, self.device, lambda_gp=self.opt.lambda_gp)
             self.loss_D = self.loss_D + self.loss_D_GP
-        self.loss_D.backward()
+        self.backward(self.loss_D, "D_fake", "D_real", "D_GP")
 
     def backward_G(self) -> None:
-        if self.opt.lambda_GAN > 0:
-            fake_AB = torch.cat((self.real_A, self.fake_B), 1)
-            # The bare D: fixed in this step, it has no gradients for DDP to average.
-            self.loss_G_GAN = self.criterionGAN(self.netD(fake_AB), True) * self.opt.lambda_GAN
-        else:
-            self.loss_G_GAN = self.fake_B.new_zeros(())
-        self.loss_G_L1 = self.criterionL1(self.fake_B, self.real_B) * self.opt.lambda_L1
-        self.loss_G = self.loss_G_GAN + self.loss_G_L1
-        self.loss_G.backward()
+        with self.fast_path.autocast():
+            if self.opt.lambda_GAN > 0:
+                fake_AB = torch.cat((self.real_A, self.fake_B), 1)
+                # The bare D: fixed in this step, it has no gradients for DDP to average.
+                self.loss_G_GAN = self.criterionGAN(self.netD(fake_AB), True) * self.opt.lambda_GAN
+            else:
+                self.loss_G_GAN = self.real_B.new_zeros(())
+            # fake_B in float32, so that --l1_region body counts its pixels exactly under bf16 autocast
+            self.loss_G_L1 = self.criterionL1(self.fake_B.float(), self.real_B) * self.opt.lambda_L1
+            self.loss_G = self.loss_G_GAN + self.loss_G_L1
+        self.backward(self.loss_G, "G_GAN", "G_L1")
 
     def optimize_parameters(self) -> None:
-        self.fake_B = self.replica("G")(self.real_A)  # forward() through DDP under torchrun
+        self.start_step()
+        with self.fast_path.autocast():  # --precision: bf16/fp16 activations, float32 weights
+            self.fake_B = self.replica("G")(self.real_A)  # forward() through DDP under torchrun
         if self.opt.lambda_GAN > 0:
             self.update_D()
         else:
-            self.loss_D_real = self.loss_D_fake = self.fake_B.new_zeros(())
+            self.loss_D_real = self.loss_D_fake = self.real_B.new_zeros(())
         self.optimizer_G.zero_grad(set_to_none=True)
         self.backward_G()
-        self.check_finite_losses("G_GAN", "G_L1")
-        self.optimizer_G.step()
+        self.step(self.optimizer_G)  # not applied if a loss of this step, D's or G's, is NaN/Inf
+        self.end_step()
 
     def update_D(self) -> None:
         set_requires_grad([self.netD], True)
         self.optimizer_D.zero_grad(set_to_none=True)
         self.backward_D()
-        self.check_finite_losses("D_fake", "D_real", "D_GP")  # before the step: NaN never reaches the weights
-        self.optimizer_D.step()
+        self.step(self.optimizer_D)  # not applied if D's loss is NaN/Inf: NaN never reaches the weights
         set_requires_grad([self.netD], False)  # D is fixed while G learns

@@ -1,1 +1,1 @@
-"""Command-line options: ``BaseOptions`` shared flags, ``TrainOptions`` and ``TestOptions``."""
+"""Command-line options: upstream's base, train and test options, presets, and the scripts' parsers and exit (cli)."""

@@ -19,10 +19,10 @@ import torch
 
 import data
 import models
-from models.generators import GENERATORS, required_divisor
-from models.norms import NORM_HELP, NORM_LAYERS
+from models.networks import DISCRIMINATORS, GENERATORS, INIT_TYPES, NORM_HELP, NORM_LAYERS, required_divisor
+from options.cli import OneLineErrorParser
 from util.device import add_gpu_ids_argument
-from util.registry import unknown_name_error
+from util.errors import UserError
 from util.run_folder import (
     MODEL_DEFINING_OPTIONS,
     OPTIONS_JSON,
@@ -36,49 +36,9 @@ __all__ = ["MODEL_DEFINING_OPTIONS", "OPTIONS_JSON", "BaseOptions", "OptionsErro
 # The largest magnitude a float option may take: values go through float32 tensors.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-class OptionsError(ValueError):
+
+class OptionsError(UserError, ValueError):
     """A flag value, or a combination of values, that cannot work."""
-
-
-def parse_bool(text: str) -> bool:
-    """``True``/``False`` (any case; also yes/no, 1/0) -> bool."""
-    word = text.strip().lower()
-    if word in ("true", "yes", "1"):
-        return True
-    if word in ("false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-class BooleanFlag(argparse.Action):
-    """An on/off flag: given bare (``--axial_slice``) it is on, and it also takes an explicit
-    value (``--axial_slice True``, ``--axial_slice False``), as the reference's parameter
-    table writes its flags. Default off."""
-
-    def __init__(self, option_strings, dest, default=False, required=False, help=None):
-        super().__init__(option_strings, dest, nargs="?", const=True, default=default, type=parse_bool,
-                         required=required, help=help, metavar="True|False")
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr and exit code 2, and whose
-    ``action="store_true"`` flags are :class:`BooleanFlag` (they also take True/False)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Registered by name, so that plug-ins' flags and argument groups get it too.
-        self.register("action", "store_true", BooleanFlag)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-    def _check_value(self, action, value):
-        # argparse lists the choices; we also suggest the closest one, as every registry does.
-        if action.choices is not None and value not in action.choices:
-            raise argparse.ArgumentError(action, str(unknown_name_error("value", value, map(str, action.choices))))
 
 
 def positive_int_or_inf(text: str) -> float:
@@ -107,13 +67,13 @@ class BaseOptions:
         g.add_argument("--output_nc", type=int, default=1, help="output channels (1 for CT)")
         g.add_argument("--ngf", type=int, default=64, help="generator filters in the last conv layer")
         g.add_argument("--ndf", type=int, default=64, help="discriminator filters in the first conv layer")
-        g.add_argument("--netD", default="basic", choices=sorted(models.networks.DISCRIMINATORS),
+        g.add_argument("--netD", default="basic", choices=sorted(DISCRIMINATORS),
                        help="basic: 70x70 PatchGAN; n_layers: PatchGAN with --n_layers_D; pixel: 1x1 PixelGAN")
         g.add_argument("--netG", default="resnet_9blocks", choices=sorted(GENERATORS),
                        help="generator; unet_N halves N x N slices down to 1x1 (--resize_to a multiple of N); the default is --model's")
         g.add_argument("--n_layers_D", type=int, default=3, help="layers of the n_layers discriminator")
         g.add_argument("--norm", default="instance", choices=sorted(NORM_LAYERS), help=NORM_HELP)
-        g.add_argument("--init_type", default="normal", choices=sorted(models.networks.INIT_TYPES), help="weight initialisation")
+        g.add_argument("--init_type", default="normal", choices=sorted(INIT_TYPES), help="weight initialisation")
         g.add_argument("--init_gain", type=float, default=0.02, help="scale for normal, xavier and orthogonal init")
         g.add_argument("--no_dropout", action="store_true", help="no dropout in the generator")
         g.add_argument("--residual", action="store_true",

@@ -6,16 +6,19 @@ import argparse
 import os
 from pathlib import Path
 
+import torch
+
 from models.networks import LR_POLICIES
 from options.base_options import BaseOptions, OptionsError, load_saved_options
 from options.presets import PRESETS
+from util.fast_path import MEMORY_FORMATS, PRECISIONS, SPEED_OPTIONS
 from util.image import add_display_window_argument
 from util.run_folder import CheckpointError, RunLock, checkpoint_label, holds_checkpoints, open_checkpoint
 
 # Flags a resumed run never takes from the saved run: they say where and what to resume,
-# and the device is a property of the machine that resumes.
+# and the device and the speed flags (util/fast_path.py) are properties of the machine that resumes.
 NOT_RESUMED = ("continue_train", "epoch_count", "epoch", "load_iter", "name", "checkpoints_dir", "gpu_ids", "suffix",
-               "overwrite")
+               "overwrite", *SPEED_OPTIONS)
 
 
 class TrainOptions(BaseOptions):
@@ -69,6 +72,20 @@ class TrainOptions(BaseOptions):
         g.add_argument("--lr", type=float, default=0.0002, help="initial Adam learning rate")
         g.add_argument("--lr_policy", default="linear", choices=LR_POLICIES, help="learning-rate schedule")
         g.add_argument("--lr_decay_iters", type=int, default=50, help="step policy: multiply by 0.1 every N epochs")
+
+        # util/fast_path.py says what each part does and why the CPU's defaults differ.
+        g = parser.add_argument_group("speed (the fast path: on by default with CUDA)")
+        g.add_argument("--precision", default="auto", choices=sorted(PRECISIONS),
+                       help="; ".join(f"{name}: {meaning}" for name, meaning in PRECISIONS.items()))
+        g.add_argument("--fused_adam", action="store_true", default=torch.cuda.is_available(),
+                       help="Adam's update in one fused kernel, which also skips a NaN/Inf step on the device "
+                       "(on by default where CUDA is available); --fused_adam False turns it off")
+        g.add_argument("--memory_format", default="contiguous", choices=sorted(MEMORY_FORMATS),
+                       help="layout of the networks' weights and inputs; instance norm returns contiguous tensors, "
+                       "so channels_last adds copies unless measured faster")
+        g.add_argument("--sync_every_step", action="store_true",
+                       help="read losses and the NaN/Inf check on the host after every step (stops at the very step); "
+                       "by default, with fused Adam, they are read every --print_freq slices and at saves")
         return parser
 
     def set_saved_defaults(self, parser: argparse.ArgumentParser, known: argparse.Namespace) -> None:

@@ -49,11 +49,12 @@ def train_and_save_each_rank(out_dir: Path, argv: list[str]) -> None:
 
 
 def take_steps(rank: int, world_size: int, rendezvous: str, configs: dict[str, list[str]], out_dir: str,
-               steps: int = 2) -> None:
+               steps: int = 2, nan_at: tuple[int, int] | None = None) -> None:
     """One process of ``world_size``: for each config, build the model, take ``steps`` steps, save its networks.
 
-    Writes ``out_dir/<config>_rank<R>.pth`` with the networks' state dicts and the names of
-    the networks wrapped in DDP (``"replicas"``).
+    Writes ``out_dir/<config>_rank<R>.pth`` with the networks' state dicts, the names of the
+    networks wrapped in DDP (``"replicas"``) and each step's non-finite flag (``"nonfinite"``).
+    ``nan_at=(rank, step)`` puts a NaN into that rank's target at that step (from 0).
     """
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -66,13 +67,18 @@ def take_steps(rank: int, world_size: int, rendezvous: str, configs: dict[str, l
             model.setup(opt)
             model.train()
             batches = torch.Generator().manual_seed(1000 + rank)  # each rank sees other slices
-            for _ in range(steps):
+            nonfinite = []
+            for step in range(steps):
                 a = torch.rand(2, opt.input_nc, 128, 128, generator=batches) * 2 - 1
                 b = torch.rand(2, opt.output_nc, 128, 128, generator=batches) * 2 - 1
+                if nan_at == (rank, step):
+                    b[0, 0, 0, 0] = float("nan")
                 model.set_input({"A": a, "B": b, "A_paths": ["a", "b"]})
                 model.optimize_parameters()
+                nonfinite.append(float(model.step_nonfinite))
             saved = {net_name: net.state_dict() for net_name, net in model.networks().items()}
             saved["replicas"] = sorted(model.replicas)
+            saved["nonfinite"] = nonfinite
             torch.save(saved, Path(out_dir) / f"{name}_rank{rank}.pth")
     finally:
         dist.destroy_process_group()

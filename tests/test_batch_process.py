@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 import batch_process_patients
-from inference.batch import BatchRow, read_summary, summarise
-from inference.cli import run_cli
+from inference import batch as inference_batch
+from inference import volume as inference_volume
+from inference.batch import BatchRow, find_inputs, read_summary, summarise, translate_folder
+from inference.volume import load_generator
+from options.cli import run_cli
 from tests.conftest import run_script
 
 GOOD = ("patient_1.nii.gz", "patient_2.nii.gz", "patient_3.nii")
@@ -137,6 +142,98 @@ def test_unusable_folders_give_one_line(case, tmp_path, tiny_run, patient_data, 
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("batch_process_patients.py: error: ")
     assert not (tmp_path / "out").exists()
+
+
+# -- the pipeline: read ahead, write behind ----------------------------------------------------
+
+
+def translate_all(tiny_run: Path, input_dir: Path, output_dir: Path, overlap: bool) -> list[BatchRow]:
+    generator = load_generator(tiny_run.parent, tiny_run.name)
+    return list(translate_folder(generator, find_inputs(input_dir), output_dir, overlap=overlap))
+
+
+def test_overlapped_stages_write_the_same_files_as_one_stage_at_a_time(tmp_path, tiny_run, patient_data):
+    overlapped = translate_all(tiny_run, patient_data, tmp_path / "overlapped", overlap=True)
+    in_turn = translate_all(tiny_run, patient_data, tmp_path / "in_turn", overlap=False)
+
+    def outcome(rows):
+        return [(row.file, row.status, row.error, row.slices) for row in rows]
+
+    assert outcome(overlapped) == outcome(in_turn)  # same rows, in input order, the corrupt file first
+    assert [row.status for row in overlapped] == ["failed", "ok", "ok", "ok"]
+    files = sorted(p.relative_to(tmp_path / "in_turn") for p in (tmp_path / "in_turn").rglob("*") if p.is_file())
+    assert len(files) == 3 + 3 * 12  # three volumes and their PNG slices
+    assert files == sorted(
+        p.relative_to(tmp_path / "overlapped") for p in (tmp_path / "overlapped").rglob("*") if p.is_file()
+    )
+    for name in files:
+        assert (tmp_path / "overlapped" / name).read_bytes() == (tmp_path / "in_turn" / name).read_bytes(), name
+
+
+def test_the_next_volume_is_read_and_the_last_written_while_the_network_runs(
+    tmp_path, tiny_run, patient_data, monkeypatch
+):
+    """Each stage waits until its neighbours are under way: file k's network until file k+1's read
+    and file k-1's write have started, and those until file k's network has. Stages that ran one
+    after another would wait for ever (here: fail after 20 s)."""
+    (patient_data / CORRUPT).unlink()
+    names = [path.name for path in find_inputs(patient_data)]
+    started = {(stage, name): threading.Event() for stage in ("read", "network", "write") for name in names}
+
+    def wait_for(stage: str, index: int) -> None:
+        if 0 <= index < len(names):
+            assert started[stage, names[index]].wait(20), f"{stage} of {names[index]} did not run alongside"
+
+    def alongside(stage: str, function, neighbours):
+        def run(*args, **kwargs):
+            name = next(arg for arg in args if isinstance(arg, Path) and arg.name in names).name
+            started[stage, name].set()
+            for neighbour, offset in neighbours:
+                wait_for(neighbour, names.index(name) + offset)
+            return function(*args, **kwargs)
+
+        return run
+
+    patch = monkeypatch.setattr
+    patch(inference_batch, "read_input", alongside("read", inference_batch.read_input, [("network", -1)]))
+    patch(inference_batch, "generate", alongside("network", inference_batch.generate, [("read", 1), ("write", -1)]))
+    patch(inference_batch, "write_outputs", alongside("write", inference_batch.write_outputs, [("network", 1)]))
+
+    rows = translate_all(tiny_run, patient_data, tmp_path / "out", overlap=True)
+    assert [(row.file, row.status) for row in rows] == [(name, "ok") for name in names]
+
+
+def test_a_file_that_cannot_be_written_is_one_line_and_the_others_complete(
+    tmp_path, tiny_run, patient_data, monkeypatch, capsys
+):
+    """A failure in the writer thread reaches the summary and stderr like any other, in input order."""
+    (patient_data / CORRUPT).unlink()
+    write_volume = inference_volume.write_volume
+
+    def disk_full_for_patient_2(path, *args, **kwargs):
+        if "patient_2" in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_volume(path, *args, **kwargs)
+
+    monkeypatch.setattr(inference_volume, "write_volume", disk_full_for_patient_2)
+    output_dir = tmp_path / "out"
+    assert run_batch(tiny_run, patient_data, output_dir) == 1
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "patient_2_phase0.nii.gz: cannot be written (No space left on device)" in warnings[0]
+    assert "3 files: 2 ok, 0 skipped (exists), 1 failed" in captured.out
+    assert [(row["file"], row["status"]) for row in read_summary(output_dir / "summary.csv")] == [
+        ("patient_1.nii.gz", "ok"),
+        ("patient_2.nii.gz", "failed"),
+        ("patient_3.nii", "ok"),
+    ]
+    assert sorted(p.name for p in output_dir.iterdir()) == [
+        "patient_1_phase0.nii.gz",
+        "patient_1_slices",
+        "patient_3_phase0.nii.gz",
+        "patient_3_slices",
+        "summary.csv",
+    ]
 
 
 def test_summary_line_names_each_status():

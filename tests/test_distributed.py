@@ -136,6 +136,8 @@ CONFIGS = {
     "batch_norm": ["--norm", "batch"],  # running statistics stay each process's own
     # (--norm syncbatch is left out: SyncBatchNorm runs on GPUs only.)
     "residual": ["--residual"],
+    "bf16_fused": ["--precision", "bf16", "--fused_adam"],  # CUDA's default path: autocast, fused Adam
+    "fp16_scaler": ["--precision", "fp16", "--fused_adam"],  # GPUs without bf16: a gradient scaler
 }
 
 
@@ -152,3 +154,15 @@ def test_every_kind_of_pix2pix_step_keeps_the_processes_equal(tmp_path, phantom_
             if name == "batch_norm":  # each process's own batches: only the running statistics may differ
                 different = [key for key in different if not key.endswith(("running_mean", "running_var"))]
             assert different == [], (name, net)
+
+
+@pytest.mark.parametrize("path", [[], ["--precision", "bf16", "--fused_adam"]])
+def test_a_nan_loss_on_one_process_skips_that_step_on_every_process(tmp_path, phantom_root, path):
+    configs = {"nan": [*TINY_TRAIN_FLAGS, "--dataroot", str(phantom_root), "--checkpoints_dir", str(tmp_path), *path]}
+    mp.spawn(take_steps, args=(2, f"file://{tmp_path / 'rendezvous'}", configs, str(tmp_path), 2, (1, 0)), nprocs=2)
+    rank0 = torch.load(tmp_path / "nan_rank0.pth", weights_only=True)
+    rank1 = torch.load(tmp_path / "nan_rank1.pth", weights_only=True)
+    # Rank 0's own losses were finite at step 0, yet it skipped that step with rank 1.
+    assert rank0["nonfinite"] == rank1["nonfinite"] == [1.0, 0.0]
+    for net in ("G", "D"):
+        assert differing_keys(rank0[net], rank1[net]) == [], net

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import export_model
-from inference.cli import run_cli
 from inference.export import VERIFY_BATCH, example_input
 from inference.volume import load_generator
 from models.networks import define_G
+from options.cli import run_cli
 from tests.conftest import REPO, run_script
 
 # The reference's "Model Export" snippet exactly as written there, except gpu_ids=[0] -> gpu_ids=[]

@@ -19,9 +19,9 @@ import use_model
 from data.slice_cache import SliceSettings
 from data.slicing import resize_slices
 from data.volume_io import read_volume
-from inference.cli import run_cli
 from inference.export import METADATA_KEY, export_generator, metadata_path, preprocessing_metadata, read_metadata
 from inference.volume import PhaseGenerator, load_generator, output_name
+from options.cli import run_cli
 from tests.conftest import REPO, make_run_folder
 
 EXAMPLE = REPO / "examples" / "run_onnx_export.py"

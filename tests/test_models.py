@@ -10,8 +10,7 @@ import torch
 import models
 from models import create_model
 from models.base_model import NonFiniteError
-from models.losses import BodyL1Loss, body_region
-from models.networks import GAN_MODES
+from models.networks import GAN_MODES, BodyL1Loss, body_region
 from options.train_options import TrainOptions
 from tests.conftest import TINY_TRAIN_FLAGS
 from util.run_folder import open_checkpoint, save_checkpoint

@@ -20,11 +20,21 @@ from models.generators import (
     UnetGenerator,
     required_divisor,
 )
-from models.losses import GAN_MODES, GANLoss, cal_gradient_penalty
-from models.networks import define_D, define_G
-from models.norms import NORM_HELP, NORM_LAYERS, get_norm_layer
-from models.schedulers import LR_POLICIES, get_scheduler
-from models.weights import INIT_TYPES, init_net, init_weights
+from models.networks import (
+    GAN_MODES,
+    INIT_TYPES,
+    LR_POLICIES,
+    NORM_HELP,
+    NORM_LAYERS,
+    GANLoss,
+    cal_gradient_penalty,
+    define_D,
+    define_G,
+    get_norm_layer,
+    get_scheduler,
+    init_net,
+    init_weights,
+)
 
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.test_run import coronal_index
+from data.slicing import display_spacing_mm
+from evaluation.results import coronal_index
 from util.image import (
     DIFFERENCE_RANGE_HU,
     DISPLAY_WINDOWS,
@@ -16,7 +17,6 @@ from util.image import (
     add_display_window_argument,
     colour_bar,
     difference_to_rgb,
-    display_spacing_mm,
     parse_display_windows,
     save_png,
 )

@@ -16,7 +16,7 @@ from conftest import TINY_SHAPE, TINY_SPACING_MM, run_script
 from PIL import Image
 
 from data.volume_io import new_volume_meta, read_volume, write_volume
-from evaluation.test_run import COLOUR_BAR_PNG
+from evaluation.results import COLOUR_BAR_PNG
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_TRAIN_FLAGS, run_script
 
-from util.cli import run_reporting_errors
+from options.cli import run_reporting_errors
 from util.run_folder import open_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -160,8 +160,8 @@ def test_cuda_out_of_memory_and_a_full_disk_become_one_line_with_advice(capsys):
     def full_disk():
         raise OSError(errno.ENOSPC, "No space left on device", "results/run/volumes/p1_phase0.nii.gz")
 
-    assert run_reporting_errors("train.py", out_of_memory, ()) == 1
-    assert run_reporting_errors("test.py", full_disk, ()) == 1
+    assert run_reporting_errors("train.py", out_of_memory) == 1
+    assert run_reporting_errors("test.py", full_disk) == 1
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("train.py: error: CUDA out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
     assert "lower --batch_size" in lines[0] and "--resize_to 256 --netG unet_256" in lines[0]

@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO, TINY_TRAIN_FLAGS, run_script
 from test_visualizer import METRICS, training_options
 
-from util.visualizer import CURVES_PNG, Visualizer, images_window, loss_window, validation_window
+from training.visualizer import CURVES_PNG, Visualizer, images_window, loss_window, validation_window
 
 pytestmark = [
     pytest.mark.slow,

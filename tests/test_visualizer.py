@@ -1,4 +1,4 @@
-"""The training page and its curves (util/visualizer.py, util/html.py), driven in-process.
+"""The training page and its curves (training/visualizer.py, util/html.py), driven in-process.
 
 The Visualizer is given the training options it reads as a Namespace; Visdom is off (or has
 no server) here: tests/test_visdom_live.py runs a real server.
@@ -21,8 +21,7 @@ import torch
 from PIL import Image
 from test_test_script import CHROMIUM, broken_images_in_browser
 
-from util.html import HTML, image_url
-from util.visualizer import (
+from training.visualizer import (
     COLOUR_BAR_PNG,
     CURVES_LOG,
     CURVES_PNG,
@@ -36,6 +35,7 @@ from util.visualizer import (
     nice_ticks,
     thin,
 )
+from util.html import HTML, image_url
 
 # A label with every character that breaks an unencoded link: the page must still show it.
 ODD_LABEL = "fake B #1?%"

@@ -1,1 +1,1 @@
-"""The training loop, separate from the script so that it can be imported and tested."""
+"""The training loop, its validation and its display, separate from the script so that they can be imported and tested."""

@@ -6,9 +6,12 @@ flips is a function of (seed, epoch) alone (data/sampling.py). So a run resumed 
 checkpoint, including one saved in the middle of an epoch on a signal, takes the same
 steps with the same data and the same dropout as a run that was never stopped.
 
-A run never goes on silently from a broken state: a NaN/Inf loss stops it before the
-optimiser steps (or, with ``--skip_nonfinite N``, skips up to N such batches), weights with
+A run never goes on silently from a broken state: a NaN/Inf loss never reaches the weights
+(the model skips that optimiser step, on the device where it can), and the run stops when the
+step is read (or, with ``--skip_nonfinite N``, skips up to N such batches); weights with
 NaN/Inf are never saved, and a checkpoint that cannot be written stops it with one line.
+Losses are read after every step, or, on the fast path, at prints, saves and epoch ends
+(util/fast_path.py).
 
 Words of the log: a **step** is one batch (one optimiser step); **slices** count samples, the
 unit of ``--print_freq``, ``--display_freq``, ``--save_latest_freq`` and of the checkpoint
@@ -37,10 +40,11 @@ from data.sampling import EpochSampler
 from models import create_model
 from models.base_model import BaseModel, NonFiniteError
 from training.signals import Interrupted, StopRequests
+from training.step_losses import PendingSteps, StepResult
 from training.validation import Validator
+from training.visualizer import Visualizer
 from util.run_folder import BEST, LATEST, save_checkpoint
 from util.runtime import Runtime, barrier, gather_rng, restore_rng
-from util.visualizer import Visualizer
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +138,7 @@ def train(opt: argparse.Namespace, runtime: Runtime, stop: StopRequests | None =
     logger.info("training epochs %d..%d on %s, %d slices per epoch in %d steps of %d slices%s", opt.epoch_count,
                 last_epoch, runtime.device, len(dataset), len(loader), opt.batch_size * runtime.world_size,
                 f" (resuming at step {progress.step + 1})" if progress.step else "")
+    logger.info("speed: %s", model.fast_path.describe())
 
     def save(label: str, epoch_complete: bool, with_optimizers: bool) -> None:
         rng = gather_rng(runtime)  # collective: every rank takes part
@@ -204,13 +209,20 @@ def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, sam
               runtime: Runtime, stop: StopRequests, save) -> dict[str, float]:
     """The rest of epoch ``progress.epoch`` from step ``progress.step``; returns its mean losses.
 
-    Returns early, after a whole step, when a stop was requested.
+    Returns early, after a whole step, when a stop was requested. Each step's losses stay on the
+    device (training/step_losses.py) until numbers are needed: at a print, display, save or stop,
+    at the end of the epoch, and after every step where the model cannot skip a NaN/Inf step
+    on the device (util/fast_path.py). A NaN/Inf step is skipped or stops the run when it is read.
     """
     epoch = progress.epoch
     epoch_start = time.time()
     sums: dict[str, float] = defaultdict(float, progress.loss_sums)
     progress.loss_sums = sums
-    steps = 0
+    steps = 0  # steps of this call that were applied
+    pending = PendingSteps(model.loss_names)
+    read_every_step = model.fast_path.reads_losses_every_step
+    # Host seconds since the last printed line; measured after a read, they include the device's work.
+    window = {"compute": 0.0, "data": 0.0, "steps": 0}
     first_step = progress.step
     data_start = time.time()
     steps_in_epoch = first_step + len(loader)
@@ -218,6 +230,21 @@ def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, sam
     progress_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False,
                         disable=not (runtime.is_main and sys.stderr.isatty()), total=steps_in_epoch,
                         initial=first_step)
+
+    def read_pending() -> StepResult | None:
+        """Read the pending steps: add the applied ones to the epoch's sums, skip or stop at a NaN/Inf one."""
+        nonlocal steps
+        results = pending.read()
+        for result in results:
+            if result.nonfinite:
+                _skip_or_stop(opt, progress, result)
+                continue
+            for name, value in result.losses.items():
+                sums[name] += value
+            steps += 1
+            progress.loss_steps += 1
+        return results[-1] if results else None
+
     batches = iter(progress_bar)
     try:
         while True:
@@ -234,42 +261,50 @@ def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, sam
             after = before + samples_per_step
             compute_start = time.time()
             model.set_input(batch)
-            try:
-                model.optimize_parameters()
-            except NonFiniteError as err:
-                _skip_or_stop(opt, model, progress, err, after)
-                continue
-            finally:
-                progress.step += 1
-                progress.total_iters = after
-            losses = model.get_current_losses()
-            for name, value in losses.items():
-                sums[name] += value
-            steps += 1
-            progress.loss_steps += 1
-            progress_bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+            model.optimize_parameters()
+            progress.step += 1
+            progress.total_iters = after
+            pending.add(progress.step, after, model.loss_vector(), model.step_nonfinite)
 
-            if visualizer is not None:
-                if crossed(before, after, opt.display_freq):
+            show = visualizer is not None and crossed(before, after, opt.display_freq)
+            report = visualizer is not None and crossed(before, after, opt.print_freq)
+            checkpoint = crossed(before, after, opt.save_latest_freq)
+            read_now = read_every_step or show or report or checkpoint
+            # Under torchrun the processes agree on a stop by an all-reduce, which waits for the device:
+            # where steps are not read one by one, they agree only when they read anyway.
+            stopping = _broadcast_flag(stop.requested, runtime) if read_now or not runtime.distributed else False
+            current = read_pending() if read_now or stopping else None
+            window["compute"] += time.time() - compute_start
+            window["data"] += data_time
+            window["steps"] += 1
+
+            if current is not None and not current.nonfinite:  # a skipped step is neither shown nor printed
+                progress_bar.set_postfix({k: f"{v:.3f}" for k, v in current.losses.items()})
+                if show:
                     visualizer.display_current_results(model.get_current_visuals(), epoch,
                                                        crossed(before, after, opt.update_html_freq) or steps == 1)
-                if crossed(before, after, opt.print_freq):
-                    compute_time = (time.time() - compute_start) / opt.batch_size
-                    visualizer.print_current_losses(epoch, progress.step, steps_in_epoch,
-                                                    progress.step * samples_per_step, losses, compute_time, data_time)
-                    visualizer.plot_current_losses(epoch, progress.step / max(steps_in_epoch, 1), losses)
-            if crossed(before, after, opt.save_latest_freq):
+                if report:
+                    compute_time = window["compute"] / (window["steps"] * opt.batch_size)  # per slice
+                    data_time = window["data"] / window["steps"]  # per step
+                    visualizer.print_current_losses(epoch, progress.step, steps_in_epoch, progress.step * samples_per_step,
+                                                    current.losses, compute_time, data_time)
+                    visualizer.plot_current_losses(epoch, progress.step / max(steps_in_epoch, 1), current.losses)
+                    window = {"compute": 0.0, "data": 0.0, "steps": 0}
+            if checkpoint:
                 label = f"iter_{after}" if opt.save_by_iter else LATEST
                 logger.info("saving the latest model (epoch %d, step %d, %d slices trained on in all) as '%s'", epoch,
                             progress.step, after, label)
                 save(label, epoch_complete=False, with_optimizers=True)
-            if _broadcast_flag(stop.requested, runtime):
+            if stopping:
                 if stop.signum is None:  # another rank was signalled; stop at the same step
                     stop.signum = signal.SIGTERM
                 break
             data_start = time.time()
     finally:
         progress_bar.close()  # an error line then starts on a line of its own
+    read_pending()
+    if runtime.distributed and _broadcast_flag(stop.requested, runtime) and stop.signum is None:
+        stop.signum = signal.SIGTERM  # another rank was signalled since the last agreement: all stop here
 
     if visualizer is not None and steps and visualizer.use_html and epoch not in visualizer.saved_epochs:
         # Every epoch gets a row on the page, however small the dataset.
@@ -279,22 +314,24 @@ def run_epoch(opt, model: BaseModel, loader, visualizer, progress: Progress, sam
     return OrderedDict((name, total / max(progress.loss_steps, 1)) for name, total in sums.items())
 
 
-def _skip_or_stop(opt, model: BaseModel, progress: Progress, err: NonFiniteError, slices_done: int) -> None:
-    """A NaN/Inf loss: skip the batch while ``--skip_nonfinite`` allows, else stop with one line."""
-    where = f"epoch {progress.epoch}, step {progress.step + 1} ({slices_done} slices in all)"
+def _skip_or_stop(opt, progress: Progress, result: StepResult) -> None:
+    """A NaN/Inf step, read: skip it while ``--skip_nonfinite`` allows, else stop with one line.
+
+    The model has already left the weights as they were (BaseModel.step); this decides whether the run goes on.
+    """
+    where = f"epoch {progress.epoch}, step {result.step} ({result.slices} slices in all)"
+    problem = f"non-finite loss: {result.describe_nonfinite()}"
     progress.nonfinite_skipped += 1
-    for optimizer in model.optimizers:
-        optimizer.zero_grad(set_to_none=True)
     if progress.nonfinite_skipped <= opt.skip_nonfinite:
-        logger.warning("%s: %s; batch skipped (%d of at most %d)", where, err, progress.nonfinite_skipped,
+        logger.warning("%s: %s; batch skipped (%d of at most %d)", where, problem, progress.nonfinite_skipped,
                        opt.skip_nonfinite)
         return
     allowed = f" after {opt.skip_nonfinite} skipped batch(es)" if opt.skip_nonfinite else ""
     raise NonFiniteError(
-        f"{where}: {err}{allowed}; this step was not applied and nothing from it was saved. "
+        f"{where}: {problem}{allowed}; this step was not applied and nothing from it was saved. "
         "Lower --lr or --lambda_L1, or pass --skip_nonfinite N to skip up to N such batches",
-        err.losses,
-    ) from err
+        result.losses,
+    )
 
 
 def _restore_rng(states: list | None, runtime: Runtime) -> None:

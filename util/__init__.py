@@ -1,1 +1,1 @@
-"""Helpers shared by the scripts: registries, run-time setup, logging, display, HTML pages."""
+"""The bottom layer, importing no other package of the project: errors, registries, run folder, device, pictures."""

@@ -10,7 +10,7 @@ The flag goes one way, down:
    ``setup_runtime`` for train.py and test.py; use_model.py and batch_process_patients.py
    call it themselves).
 3. That device, not the ids, is what the model, ``define_G``/``define_D`` and
-   ``load_generator`` take.
+   ``load_generator`` take. export_model.py, which has no ``--gpu_ids``, passes :data:`CPU`.
 
 ``gpu_ids`` lists stay accepted by ``define_G``/``define_D``/``init_net`` only for code written
 against upstream pix2pix (the reference's export snippet calls ``define_G(..., gpu_ids=[0])``);
@@ -24,10 +24,12 @@ from collections.abc import Sequence
 
 import torch
 
+from util.errors import UserError
+
 CPU = torch.device("cpu")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """GPUs asked for that this machine does not have."""
 
 

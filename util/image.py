@@ -1,6 +1,7 @@
 """Slices -> pictures: CT display windows, difference maps and their colour bar, PNG files.
 
-Two kinds of picture, both of 2D slices already turned for viewing (``slice_for_display``):
+Two kinds of picture, both of 2D slices in HU already turned for viewing (data/slicing.py's
+``slice_for_display``; this module takes arrays and knows nothing of volumes or networks):
 
 * a **windowed** slice, as a CT viewer shows it: HU in a display window ``lo..hi`` map
   linearly onto 0..255 gray, clipped outside. :data:`DISPLAY_WINDOWS` names the usual ones;
@@ -11,8 +12,8 @@ Two kinds of picture, both of 2D slices already turned for viewing (``slice_for_
   every picture so that colours compare; :func:`colour_bar` draws its key.
 
 Voxels are rarely cubes (e.g. 2.7 x 2.7 x 6 mm): :func:`save_png` stretches a picture's
-height by ``height_scale``, a row's spacing over a column's (:func:`display_spacing_mm`), so
-that anatomy keeps its true shape.
+height by ``height_scale``, a row's spacing over a column's (data/slicing.py's
+``display_spacing_mm``), so that anatomy keeps its true shape.
 """
 
 from __future__ import annotations
@@ -23,11 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data.intensity import HUWindow, network_to_pixels
-from data.slicing import SLICE_AXES, slice_for_display
 from util.registry import unknown_name_error
 
 # name -> (lo, hi) HU. Lung: width 1500, level -600; soft tissue: width 400, level 40;
@@ -73,8 +71,9 @@ class DisplayWindow:
         return f"{kind} {self.lo_hu:g}..{self.hi_hu:g} HU"
 
     def __call__(self, hu: np.ndarray) -> np.ndarray:
-        """HU -> uint8 gray, 0 at or below ``lo_hu``, 255 at or above ``hi_hu``."""
-        return np.rint(HUWindow(self.lo_hu, self.hi_hu)(hu)).astype(np.uint8)
+        """HU -> uint8 gray, 0 at or below ``lo_hu``, 255 at or above ``hi_hu``, linear between."""
+        gray = (np.asarray(hu, dtype=np.float32) - self.lo_hu) * (255.0 / (self.hi_hu - self.lo_hu))
+        return np.rint(np.clip(gray, 0.0, 255.0)).astype(np.uint8)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "lo_hu": float(self.lo_hu), "hi_hu": float(self.hi_hu)}
@@ -178,37 +177,17 @@ def label_font() -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def display_spacing_mm(spacing_mm: Sequence[float], slice_axis: str) -> tuple[float, float]:
-    """(row, column) spacing in mm of a slice along ``slice_axis`` once turned by ``slice_for_display``.
-
-    ``slice_for_display`` transposes the slice: of the two canonical axes it keeps, the second
-    runs down the rows and the first across the columns.
-    """
-    first, second = (axis for axis in range(3) if axis != SLICE_AXES[slice_axis])
-    return float(spacing_mm[second]), float(spacing_mm[first])
-
-
-def tensor_to_slice(tensor: torch.Tensor, slice_axis: str = "axial") -> np.ndarray:
-    """A (C, H, W) slice in [-1, 1] -> (H', W') float32 in [-1, 1], in display orientation.
-
-    With several channels (a 2.5D input) the centre channel, the slice itself, is taken.
-    """
-    channels = tensor.detach().float().cpu().numpy()
-    return np.ascontiguousarray(slice_for_display(channels[channels.shape[0] // 2], slice_axis))
-
-
-def tensor_to_image(tensor: torch.Tensor, slice_axis: str = "axial") -> np.ndarray:
-    """A (C, H, W) slice in [-1, 1] -> (H', W') uint8 in display orientation, [-1, 1] as 0..255."""
-    return np.rint(network_to_pixels(tensor_to_slice(tensor, slice_axis))).astype(np.uint8)
-
-
-def save_png(image: np.ndarray, path: Path, size: int | None = None, height_scale: float = 1.0) -> None:
+def save_png(
+    image: np.ndarray, path: Path, size: int | None = None, height_scale: float = 1.0, compress_level: int = 6
+) -> None:
     """Save a (H, W) uint8 gray or (H, W, 3) uint8 colour array as PNG.
 
     Args:
         size: the width in pixels (default: the array's); the height follows.
         height_scale: how much taller than wide one pixel is drawn: a row's spacing over a
             column's, so that anisotropic voxels keep their shape (1: square pixels).
+        compress_level: zlib level 0-9 (PIL's default 6); lower is faster and larger, the
+            pixels are the same.
     """
     picture = Image.fromarray(np.ascontiguousarray(image))
     width = size or picture.width
@@ -216,4 +195,4 @@ def save_png(image: np.ndarray, path: Path, size: int | None = None, height_scal
     if (width, height) != picture.size:
         picture = picture.resize((width, height), Image.BILINEAR)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    picture.save(path, compress_level=compress_level)

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from util.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 OPTIONS_JSON = "train_opt.json"
@@ -62,7 +64,7 @@ GENERATOR_OPTIONS = (
 MODEL_DEFINING_OPTIONS = (*GENERATOR_OPTIONS, "model", "netD", "ndf", "n_layers_D", "gan_mode", "direction")
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(UserError, FileNotFoundError):
     """A run folder or checkpoint that is missing, damaged, in use, or does not fit the network.
 
     ``str(err)`` starts with the file or folder at fault.

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from util.device import select_device
+from util.fast_path import tf32_allowed
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,12 @@ def setup_runtime(opt: argparse.Namespace) -> Runtime:
     device = select_device(opt.gpu_ids, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # Fixed slice sizes: let cuDNN pick the fastest kernels once; TF32 matmuls on Ampere+.
+        # Fixed slice sizes: let cuDNN pick the fastest kernels once. TF32 matmuls and convolutions
+        # on Ampere+, except for the upstream step (--precision fp32).
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        tf32 = tf32_allowed(getattr(opt, "precision", "auto"))  # test.py has no --precision
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     seed = opt.seed + rank  # different shuffles and flips per process; weights come from rank 0

@@ -1,4 +1,4 @@
-"""The test run behind ``test.py``: generate every test volume, score it, write a results page.
+"""The results of ``test.py``: every test volume generated, scored and shown on a results page.
 
 For each of the first ``--num_test`` volumes of ``<dataroot>/<phase>A/`` (sorted by file
 name), the trained generator (loaded once from ``<checkpoints_dir>/<name>/``) makes its
@@ -46,8 +46,9 @@ import numpy as np
 import torch
 
 from data.base_dataset import DatasetError
-from data.slicing import SLICE_AXES, slice_for_display, volume_to_slices
-from data.volume_io import VolumeError, VolumeMeta, is_nifti_path, read_volume, strip_nifti_suffix, write_volume
+from data.pairing import find_pairs, read_pair
+from data.slicing import SLICE_AXES, display_spacing_mm, slice_for_display, volume_to_slices
+from data.volume_io import VolumeError, strip_nifti_suffix, write_volume
 from evaluation.metrics import (
     BASELINE_PREFIX,
     BODY_THRESHOLD_HU,
@@ -74,7 +75,6 @@ from util.image import (
     DisplayWindow,
     colour_bar,
     difference_to_rgb,
-    display_spacing_mm,
     parse_display_windows,
     save_png,
 )
@@ -115,8 +115,6 @@ METRIC_DESCRIPTIONS = {
     f"dilated by {MOVING_DILATION_VOXELS} voxels, in the body",
     "mae_static_hu": "mean |generated - target| over the rest of the body (where the input is right up to noise)",
 }
-# Canonical affines of a registered pair agree to far better than this (mm).
-AFFINE_TOLERANCE_MM = 1e-3
 
 
 @dataclass
@@ -181,37 +179,33 @@ def results_folder(opt: argparse.Namespace) -> Path:
 def find_test_volumes(dataroot: Path, phase: str, num_test: int) -> list[tuple[Path, Path | None]]:
     """The first ``num_test`` volumes of ``<phase>A/`` by name, each with its ``<phase>B/`` partner or None.
 
+    Files pair by name as for training (data/pairing.py), but an input needs no target.
+
     Raises:
         DatasetError: ``<phase>A/`` is missing or holds no NIfTI file.
     """
+    pairs, unused = find_pairs(dataroot, phase, targets_required=False)
     folder_a, folder_b = Path(dataroot) / f"{phase}A", Path(dataroot) / f"{phase}B"
-    if not folder_a.is_dir():
-        raise DatasetError(
-            f"{folder_a}: folder not found; expected {phase}A/ (and, for metrics, {phase}B/) under --dataroot"
-        )
-    inputs = sorted(p for p in folder_a.iterdir() if is_nifti_path(p.name) and not p.name.startswith("."))
-    if not inputs:
-        raise DatasetError(f"{folder_a}: no .nii or .nii.gz files")
-    if len(inputs) > num_test:
+    if len(pairs) > num_test:
         logger.info(
             "--num_test %d: testing the first %d of the %d volumes in %s (by name), %d left out; "
             "raise --num_test to test them all",
             num_test,
             num_test,
-            len(inputs),
+            len(pairs),
             folder_a,
-            len(inputs) - num_test,
+            len(pairs) - num_test,
         )
     if not folder_b.is_dir():
         logger.info("%s not found: volumes are generated but not scored", folder_b)
-        return [(path, None) for path in inputs[:num_test]]
-    targets = {p.name: p for p in folder_b.iterdir() if is_nifti_path(p.name) and not p.name.startswith(".")}
-    unused = sorted(targets.keys() - {p.name for p in inputs})
-    if unused:
+    elif unused:
         logger.warning(
-            "%s: %d file(s) without an input of the same name, not used: %s", folder_b, len(unused), ", ".join(unused)
+            "%s: %d file(s) without an input of the same name, not used: %s",
+            folder_b,
+            len(unused),
+            ", ".join(p.name for p in unused),
         )
-    return [(path, targets.get(path.name)) for path in inputs[:num_test]]
+    return pairs[:num_test]
 
 
 def csv_columns(metric_names: tuple[str, ...] = METRICS) -> tuple[str, ...]:
@@ -263,7 +257,7 @@ def run_test(opt: argparse.Namespace, device: torch.device) -> TestReport:
     """
     checkpoint = checkpoint_label(opt)
     generator = load_generator(opt.checkpoints_dir, opt.name, checkpoint, device)
-    _warn_ignored_flags(opt, generator)
+    _warn_ignored_flags(opt)
     # None (after one log line naming the missing file) when LPIPS's weights are not in place.
     lpips_scorer = LpipsScorer.from_torchvision_cache(generator.device) if getattr(opt, "lpips", False) else None
     cases = find_test_volumes(Path(opt.dataroot), opt.phase, opt.num_test)
@@ -398,57 +392,22 @@ def picture_view(
     return SliceView(title, rows)
 
 
-def read_pair(input_path: Path, target_path: Path | None) -> tuple[np.ndarray, VolumeMeta, np.ndarray | None]:
-    """``(input, input_meta, target)``: an input volume and its target (None without a path), in HU.
+def _warn_ignored_flags(opt: argparse.Namespace) -> None:
+    """Say so when a model-defining flag differs from what the run was trained with.
 
-    Both are canonical (X, Y, Z) float32. A target whose canonical affine differs from the
-    input's (by more than 1e-3 mm) is used, with a warning that the pair may be misregistered.
-
-    Raises:
-        VolumeError: a file cannot be read, or the target's grid differs from the input's.
+    The generator is rebuilt from the run folder's train_opt.json, whose values win; the test
+    options take them as defaults (options/test_options.py), so a difference was given on the
+    command line.
     """
-    volume, meta = read_volume(input_path)
-    if target_path is None:
-        return volume, meta, None
-    target, target_meta = read_volume(target_path)
-    if target.shape != volume.shape:
-        raise VolumeError(
-            target_path,
-            f"grid {target.shape} differs from {input_path.parent.name}'s {volume.shape}; register the pair first",
-        )
-    if not np.allclose(meta.canonical_affine, target_meta.canonical_affine, atol=AFFINE_TOLERANCE_MM):
-        logger.warning(
-            "%s: affine differs from %s's: the pair may be misregistered", target_path, input_path.parent.name
-        )
-    return volume, meta, target
-
-
-def _warn_ignored_flags(opt: argparse.Namespace, generator: PhaseGenerator) -> None:
-    """Say so when a flag given on the command line differs from what the run was trained with.
-
-    The generator is rebuilt from the run folder's train_opt.json, whose values win.
-    """
-    settings = generator.settings
-    given = {
-        "--slice_axis": "axial" if getattr(opt, "axial_slice", False) else getattr(opt, "slice_axis", None),
-        "--resize_to": getattr(opt, "resize_to", None),
-        "--intensity": getattr(opt, "intensity", None),
-        "--context_slices": getattr(opt, "context_slices", None),
-    }
-    trained = {
-        "--slice_axis": settings.slice_axis,
-        "--resize_to": settings.resize_to,
-        "--intensity": settings.intensity,
-        "--context_slices": generator.context_slices,
-    }
-    for flag, value in given.items():
-        if value is not None and value != trained[flag]:
+    saved = run_folder.load_options(Path(opt.checkpoints_dir) / opt.name) or {}
+    for key in run_folder.MODEL_DEFINING_OPTIONS:
+        if key in saved and hasattr(opt, key) and getattr(opt, key) != saved[key]:
             logger.warning(
-                "%s %s differs from the run's %s %s (train_opt.json); testing with the run's value",
-                flag,
-                value,
-                flag,
-                trained[flag],
+                "--%s %s differs from the run's --%s %s (train_opt.json); testing with the run's value",
+                key,
+                getattr(opt, key),
+                key,
+                saved[key],
             )
 
 

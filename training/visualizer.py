@@ -1,5 +1,9 @@
 """Training display: losses to ``loss_log.txt`` and the log, curves and images to ``web/``, Visdom if up.
 
+Upstream keeps its visualizer in ``util/``; here it sits beside the training loop, its only
+caller, because it turns the network's slices into HU pictures (data/) and labels the
+validation metrics (evaluation/), and ``util/`` imports none of the packages above it.
+
 The run's web folder, ``<checkpoints_dir>/<name>/web/`` (not written with ``--no_html``)::
 
     index.html                  the curves on top, then the images of each epoch, newest first
@@ -48,6 +52,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data.intensity import HUWindow, network_to_pixels
+from data.slicing import slice_for_display
 from evaluation.metrics import BASELINE_PREFIX, METRIC_LABELS
 from util.atomic import atomic_path
 from util.html import HTML, ImageCell
@@ -61,7 +66,6 @@ from util.image import (
     label_font,
     parse_display_windows,
     save_png,
-    tensor_to_slice,
 )
 
 logger = logging.getLogger(__name__)
@@ -380,7 +384,9 @@ class Visualizer:
             epoch: the epoch running (from 1).
             step: steps (batches) of the epoch done; ``steps``: steps in the epoch.
             slices: slices of the epoch trained on so far (all processes together).
-            t_comp: seconds of computation per slice; ``t_data``: seconds spent waiting for this step's batch.
+            t_comp: seconds of computation per slice of this process, and ``t_data``: seconds spent waiting
+                for a batch per step, both averaged over the steps since the last line (the device's work
+                included: the loop reads the losses, and so waits for the device, before it prints).
         """
         message = (
             f"(epoch: {epoch}, step: {step}/{steps}, slices: {slices}, compute: {t_comp:.3f} s/slice, "
@@ -528,6 +534,15 @@ class Visualizer:
     def _drop_visdom(self, err: Exception) -> None:
         logger.warning("Visdom stopped answering (%s); live plots are off from now on", err)
         self.vis = None
+
+
+def tensor_to_slice(tensor: torch.Tensor, slice_axis: str = "axial") -> np.ndarray:
+    """A (C, H, W) slice in [-1, 1] -> (H', W') float32 in [-1, 1], in display orientation.
+
+    With several channels (a 2.5D input) the centre channel, the slice itself, is taken.
+    """
+    channels = tensor.detach().float().cpu().numpy()
+    return np.ascontiguousarray(slice_for_display(channels[channels.shape[0] // 2], slice_axis))
 
 
 def image_name(epoch: int, label: str, window: str | None = None) -> str:
