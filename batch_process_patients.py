@@ -4,8 +4,8 @@
         --model_name ct_phase0_generator_optimized
 
 Loads the model once and translates each ``.nii``/``.nii.gz`` file of ``--input_dir`` (in
-name order) as use_model.py does, reading the next file and writing the previous one while
-the network works on the current one. Inputs whose output already exists are skipped, so an
+name order) as use_model.py does; on a GPU it reads the next file and writes the previous one
+while the network works on the current one. Inputs whose output already exists are skipped, so an
 interrupted batch resumes where it stopped; a file that fails is reported and the batch
 goes on. ``<output_dir>/summary.csv`` lists every file with its status
 (ok | skipped | failed), error, slices and seconds. Exit code 1 if any file failed.

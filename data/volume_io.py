@@ -70,8 +70,9 @@ MAX_DEFLATE_RATIO = 1032
 # (:func:`available_memory_bytes`). Tests set it.
 AVAILABLE_MEMORY_BYTES: int | None = None
 # .nii.gz outputs are compressed by ISA-L (python-isal) at its highest level, 3: as small as
-# nibabel's zlib level 1 and about 7x faster (a 512 x 512 x 113 int16 volume on a CPU core:
-# 0.29 s against 2.07 s, 30.4 against 30.3 MB; benchmarks/nifti_write.py prints the table).
+# nibabel's zlib level 1 and 3x faster (a 512 x 512 x 113 int16 volume on a CPU core: 0.24 s
+# against 0.79 s, 30.1 against 29.9 MB; benchmarks/nifti_write.py prints the table). A second
+# thread (isal's igzip_threaded) gained nothing on 2 cores.
 # The file stays one standard gzip stream, which every NIfTI reader decodes.
 GZIP_LEVEL = 3
 _CANONICAL = axcodes2ornt("RAS")

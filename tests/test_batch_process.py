@@ -6,6 +6,7 @@ import errno
 import gzip
 import shutil
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -203,10 +204,12 @@ def test_the_next_volume_is_read_and_the_last_written_while_the_network_runs(
     assert [(row.file, row.status) for row in rows] == [(name, "ok") for name in names]
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "in_turn"])
 def test_a_file_that_cannot_be_written_is_one_line_and_the_others_complete(
-    tmp_path, tiny_run, patient_data, monkeypatch, capsys
+    overlap, tmp_path, tiny_run, patient_data, monkeypatch, capsys
 ):
     """A failure in the writer thread reaches the summary and stderr like any other, in input order."""
+    monkeypatch.setattr(batch_process_patients, "translate_folder", partial(translate_folder, overlap=overlap))
     (patient_data / CORRUPT).unlink()
     write_volume = inference_volume.write_volume
 
