@@ -69,9 +69,11 @@ from inference.volume import PhaseGenerator, load_generator
 from util import run_folder
 from util.html import HTML, ImageCell
 from util.image import (
+    COLOUR_BAR_PNG,
     COLOUR_BAR_WIDTH,
     DEFAULT_DISPLAY_WINDOWS,
     DIFFERENCE_RANGE_HU,
+    DIFFERENCE_ROW_LABEL,
     DisplayWindow,
     colour_bar,
     difference_to_rgb,
@@ -84,7 +86,6 @@ logger = logging.getLogger(__name__)
 IMAGE_KINDS = ("input", "generated", "target")
 # The difference maps: each of these kinds minus the target, in HU.
 DIFFERENCE_KINDS = ("generated", "input")
-COLOUR_BAR_PNG = "difference_colour_bar.png"
 BODY_DEFINITION = f"target > {BODY_THRESHOLD_HU:g} HU, largest connected component, holes filled per axial slice"
 # The MAE split of the page: (region, metric, which voxels), as evaluation/metrics.py defines them.
 REGIONS = (
@@ -388,7 +389,7 @@ def picture_view(
             )
             cells.append(ImageCell(name, f"{where}: {kind} - target"))
         cells.append(ImageCell(COLOUR_BAR_PNG, "colour key", width=COLOUR_BAR_WIDTH))
-        rows.append((f"difference, HU (colour scale ±{DIFFERENCE_RANGE_HU:g})", cells))
+        rows.append((DIFFERENCE_ROW_LABEL, cells))
     return SliceView(title, rows)
 
 

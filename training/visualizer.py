@@ -57,9 +57,11 @@ from evaluation.metrics import BASELINE_PREFIX, METRIC_LABELS
 from util.atomic import atomic_path
 from util.html import HTML, ImageCell
 from util.image import (
+    COLOUR_BAR_PNG,
     COLOUR_BAR_WIDTH,
     DEFAULT_DISPLAY_WINDOWS,
     DIFFERENCE_RANGE_HU,
+    DIFFERENCE_ROW_LABEL,
     DisplayWindow,
     colour_bar,
     difference_to_rgb,
@@ -73,7 +75,6 @@ logger = logging.getLogger(__name__)
 CURVES_LOG = "curves.jsonl"
 CURVES_PNG = "curves.png"
 X_LABEL = "epochs done"
-COLOUR_BAR_PNG = "difference_colour_bar.png"
 # (picture, target) visuals drawn as a difference map, picture - target in HU (--intensity hu).
 DIFFERENCE_PAIRS = (("fake_B", "real_B"), ("real_A", "real_B"))
 # Starts a Visdom server without the download of browser scripts that `python -m visdom.server`
@@ -430,7 +431,7 @@ class Visualizer:
                     for picture, target in pairs
                 ]
                 cells.append(ImageCell(COLOUR_BAR_PNG, "colour key", width=COLOUR_BAR_WIDTH))
-                rows.append((f"difference, HU (colour scale ±{DIFFERENCE_RANGE_HU:g})", cells))
+                rows.append((DIFFERENCE_ROW_LABEL, cells))
             page.add_image_grid(rows, width=self.opt.display_winsize)
         page.save()
 

@@ -41,6 +41,9 @@ DEFAULT_DISPLAY_WINDOWS = ("lung", "soft_tissue")
 # hundred HU are what a missed motion looks like; beyond 500 HU the colour saturates.
 DIFFERENCE_RANGE_HU = 500.0
 COLOUR_BAR_WIDTH = 96  # pixels
+# The colour bar's file beside a page's images, and the label of a row of difference maps.
+COLOUR_BAR_PNG = "difference_colour_bar.png"
+DIFFERENCE_ROW_LABEL = f"difference, HU (colour scale ±{DIFFERENCE_RANGE_HU:g})"
 # Diverging blue-white-red anchors (ColorBrewer RdBu) at -1, -0.5, 0, 0.5, 1 of the range.
 _DIFFERENCE_ANCHORS = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
 _DIFFERENCE_COLOURS = np.array(
