@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(opt: argparse.Namespace) -> int:
     # Built and checked on the CPU: the exported files do not depend on where they were made.
-    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, CPU)
+    generator = load_generator(opt.checkpoints_dir, opt.model_name, opt.epoch, CPU, direction=opt.direction)
     print(f"model: {generator.describe()}")
     exported = export_generator(generator, opt.output_dir, opt.model_name, opt.epoch, opt.format, opset=opt.opset)
     differences = max_differences(generator, exported)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from data.base_dataset import DatasetError
-from data.volume_io import VolumeError, VolumeMeta, is_nifti_path, read_volume
+from data.phases import PHASE_FILE, PhaseSource, find_phase_sets
+from data.volume_io import VolumeError, VolumeMeta, is_nifti_path, read_volume, strip_nifti_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,66 @@ def find_pairs(
     if not pairs:
         raise DatasetError(f"{folder_a} and {folder_b}: no file name appears in both folders")
     return pairs, unpaired
+
+
+def find_phase_pairs(
+    dataroot: Path, phase: str, phases: tuple[int, ...] | list[int], skipped: list[tuple[Path, str]] | None = None
+) -> tuple[list[tuple[Path, tuple[PhaseSource, ...]]], list[Path], int]:
+    """Pair each input of ``<phase>A/`` with the requested phases of its target in ``<phase>B/``.
+
+    The target may be a 3D file of the input's name (one phase), a 4D file of that name (one
+    phase per frame) or one file per phase, ``NAME_phase<K>`` (data/phases.py). For 3D targets
+    of the same names this pairs exactly as :func:`find_pairs` does.
+
+    Args:
+        phases: the phase numbers to serve, in order (``opt.phase_list``).
+        skipped: as :func:`data.phases.find_phase_sets` (``--skip_corrupted``).
+
+    Returns:
+        ``(pairs, unpaired, N)``: ``(input, sources of the requested phases)`` sorted by the
+        input's file name, the files without a partner, and the targets' phase count.
+
+    Raises:
+        DatasetError: as :func:`find_pairs`; a phase set is mixed, incomplete or of another
+            count than the others'; a requested phase is beyond the targets' count.
+    """
+    folder_a, folder_b = Path(dataroot) / f"{phase}A", Path(dataroot) / f"{phase}B"
+    for folder in (folder_a, folder_b):
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: folder not found; expected {phase}A/ and {phase}B/ under --dataroot")
+        if not nifti_files(folder):
+            raise DatasetError(f"{folder}: no .nii or .nii.gz files")
+    inputs = {strip_nifti_suffix(name): path for name, path in nifti_files(folder_a).items()}
+    sets, num_phases = find_phase_sets(folder_b, inputs, skipped)
+    # A whole-cycle or 3D target pairs by its full file name, as find_pairs does (x.nii is not x.nii.gz's).
+    sets = {name: s for name, s in sets.items()
+            if strip_nifti_suffix(s.sources[0].path.name) != name or s.sources[0].path.name == inputs[name].name}
+    beyond = [k for k in phases if k >= num_phases]
+    if sets and beyond:
+        raise DatasetError(
+            f"{folder_b}: --phases asks for phase {beyond[0]}, but the targets have {num_phases} "
+            f"phase{'s' if num_phases != 1 else ''} (0..{num_phases - 1})"
+        )
+    pairs = sorted(
+        ((inputs[name], tuple(sets[name].sources[k] for k in phases)) for name in sets), key=lambda pair: pair[0].name
+    )
+    used = {source.path for phase_set in sets.values() for source in phase_set.sources}
+    broken = {path for path, _ in skipped or ()}
+    broken_patients = {_patient_of(path) for path in broken}
+    unpaired = sorted(
+        [path for name, path in inputs.items() if name not in sets and name not in broken_patients]
+        + [path for path in nifti_files(folder_b).values() if path not in used and path not in broken]
+    )
+    if not pairs and not broken:
+        raise DatasetError(f"{folder_a} and {folder_b}: no file name appears in both folders")
+    return pairs, unpaired, num_phases
+
+
+def _patient_of(target: Path) -> str:
+    """The patient a target file belongs to: ``p1.nii.gz`` and ``p1_phase3.nii.gz`` -> ``p1``."""
+    stem = strip_nifti_suffix(target.name)
+    match = PHASE_FILE.fullmatch(stem)
+    return match["patient"] if match else stem
 
 
 def grid_mismatch(

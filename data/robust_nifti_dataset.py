@@ -4,6 +4,13 @@ Layout: ``<dataroot>/<phase>A/NAME.nii[.gz]`` (input, e.g. the average CT) pairs
 ``<dataroot>/<phase>B/NAME.nii[.gz]`` (target, e.g. phase 0) by identical file name
 (data/pairing.py, which test.py and validation use too).
 
+Several phases (``--phases``, data/phases.py): ``<phase>B/`` may hold each patient's whole
+breathing cycle, as one 4D file of the input's name or as ``NAME_phase<K>`` files; each frame
+is a cache entry of its own. ``--phases 0`` (the default) serves phase 0 of any layout, as a
+3D target was served. With ``--phase_conditioning input`` sample ``i`` is slice ``i // P``
+with phase ``i % P`` (P requested phases): ``A`` gains a first channel holding the phase's
+code, ``B`` is that phase. With ``output`` a sample is a slice and ``B`` holds the P phases.
+
 For each pair, both volumes are brought to canonical RAS+ orientation (data/volume_io.py),
 cut into slices along ``--slice_axis`` (``--axial_slice`` = axial), normalised to 0-255 with
 the ``--intensity`` window (data/intensity.py), resized to ``--resize_to`` and served in
@@ -36,7 +43,8 @@ from torch.utils.data import default_collate
 from data import DATASETS
 from data.base_dataset import BaseDataset, DatasetError
 from data.intensity import INTENSITY_MODES
-from data.pairing import find_pairs, grid_mismatch
+from data.pairing import find_phase_pairs, grid_mismatch
+from data.phases import PhaseSource, conditioning_channels, phase_code
 from data.slice_cache import (
     CachedVolume,
     SliceReader,
@@ -57,6 +65,8 @@ class PairingReport:
     """What was found on disk and what was kept."""
 
     pairs: list[tuple[CachedVolume, CachedVolume]] = field(default_factory=list)
+    # Per pair, the entries of every requested phase (targets[i][0] is pairs[i][1]).
+    targets: list[tuple[CachedVolume, ...]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     unpaired: list[Path] = field(default_factory=list)
     skipped_slices: int = 0
@@ -93,7 +103,7 @@ def add_slice_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 
 def load_pairs(
-    pairs: list[tuple[Path, Path]],
+    pairs: list[tuple[Path, Path | tuple[PhaseSource, ...]]],
     settings: SliceSettings,
     cache_dir: Path,
     skip_corrupted: bool,
@@ -102,6 +112,8 @@ def load_pairs(
     """Cache every pair's slices and check that each pair shares one grid.
 
     Args:
+        pairs: ``(input, target)``: the target a 3D file, or the phases to serve (a frame of a
+            4D file is cached as a volume of its own).
         identity_of: gives a file's identity for its cache key (see ``cached_volume``).
 
     Raises:
@@ -111,36 +123,122 @@ def load_pairs(
     report = PairingReport()
 
     def skip(path: Path, reason: str) -> None:
-        if not skip_corrupted:
-            raise DatasetError(f"{path}: {reason} (pass --skip_corrupted to skip such files)")
-        logger.warning("skipping %s: %s", path, reason)
-        report.skipped.append((path, reason))
+        skip_or_stop(report.skipped, path, reason, skip_corrupted)
 
-    for path_a, path_b in pairs:
+    for path_a, target in pairs:
+        sources = (PhaseSource(target, None),) if isinstance(target, Path) else tuple(target)
         entries = []
-        for path in (path_a, path_b):
+        for path, frame in ((path_a, None), *((s.path, s.frame) for s in sources)):
             try:
-                entry, built = cached_volume(path, settings, cache_dir, identity_of)
+                entry, built = cached_volume(path, settings, cache_dir, identity_of, frame)
             except VolumeError as err:
                 skip(path, err.problem)
                 break
             report.built += built
             entries.append(entry)
-        if len(entries) < 2:
+        if len(entries) < 1 + len(sources):
             continue
-        entry_a, entry_b = entries
-        problem = grid_mismatch(path_a, entry_a.canonical_shape, entry_a.canonical_affine,
-                                path_b, entry_b.canonical_shape, entry_b.canonical_affine)
+        entry_a, entries_b = entries[0], tuple(entries[1:])
+        problem = next(
+            (
+                (entry_b.source, p)
+                for entry_b in entries_b
+                if (p := grid_mismatch(path_a, entry_a.canonical_shape, entry_a.canonical_affine,
+                                       entry_b.source, entry_b.canonical_shape, entry_b.canonical_affine))
+            ),
+            None,
+        )
         if problem:
-            skip(path_b, problem)
+            skip(*problem)
             continue
-        usable = entry_a.usable & entry_b.usable
+        usable = np.logical_and.reduce([entry_a.usable, *(entry_b.usable for entry_b in entries_b)])
         if not usable.any():
             skip(path_a, "no slice is finite and non-constant in both volumes of the pair")
             continue
         report.skipped_slices += int((~usable).sum())
-        report.pairs.append((entry_a, entry_b))
+        report.pairs.append((entry_a, entries_b[0]))
+        report.targets.append(entries_b)
     return report
+
+
+def skip_or_stop(skipped: list[tuple[Path, str]], path: Path, reason: str, skip_corrupted: bool) -> None:
+    """A broken file: stop with one line, or with ``skip_corrupted`` warn and note it in ``skipped``.
+
+    Raises:
+        DatasetError: without ``skip_corrupted``.
+    """
+    if not skip_corrupted:
+        raise DatasetError(f"{path}: {reason} (pass --skip_corrupted to skip such files)")
+    logger.warning("skipping %s: %s", path, reason)
+    skipped.append((path, reason))
+
+
+@dataclass
+class VolumesReport:
+    """Single volumes (not pairs) found on disk and kept: what ``unaligned_nifti`` and ``single_nifti`` read."""
+
+    volumes: list[CachedVolume] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    skipped_slices: int = 0
+    built: int = 0
+
+
+def load_volumes(
+    paths: list[Path],
+    settings: SliceSettings,
+    cache_dir: Path,
+    skip_corrupted: bool,
+    identity_of=source_identity,
+) -> VolumesReport:
+    """Cache every volume's slices, as :func:`load_pairs` does for each side of a pair.
+
+    Raises:
+        DatasetError: a broken file (unreadable, not 3D, no usable slice) without ``skip_corrupted``.
+        CacheError: the cache cannot be written, whatever ``skip_corrupted`` says.
+    """
+    report = VolumesReport()
+    for path in paths:
+        try:
+            entry, built = cached_volume(path, settings, cache_dir, identity_of)
+        except VolumeError as err:
+            skip_or_stop(report.skipped, path, err.problem, skip_corrupted)
+            continue
+        report.built += built
+        if not entry.usable.any():
+            skip_or_stop(report.skipped, path, "no slice is finite and non-constant", skip_corrupted)
+            continue
+        report.skipped_slices += int((~entry.usable).sum())
+        report.volumes.append(entry)
+    return report
+
+
+def open_slice_cache(opt: argparse.Namespace) -> tuple[Path, SourceIdentities]:
+    """The slice cache ``--cache_dir``/``--no_cache`` name, its stale entries pruned, and the file
+    identities read on the way (each file's identity is read once, for the pruning and its cache key)."""
+    cache_dir = Path(opt.cache_dir)
+    if opt.no_cache:
+        cache_dir = Path(tempfile.mkdtemp(prefix="ct_slices-"))
+        atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+    identities = SourceIdentities()
+    if not opt.no_cache:
+        prune_stale_entries(cache_dir, identities)  # first: frees the space the rebuilds need
+    return cache_dir, identities
+
+
+def empty_batch(n: int, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """(n, channels, H, W) float16 for slices to be read into; in shared memory inside a DataLoader
+    worker, as ``default_collate`` does, so the batch travels to the trainer without a copy."""
+    batch = torch.empty((n, channels, *size), dtype=torch.float16)
+    if torch.utils.data.get_worker_info() is not None:
+        batch.share_memory_()
+    return batch
+
+
+def assemble(samples: list[dict], images: dict[str, torch.Tensor]) -> AssembledBatch:
+    """``samples``, whose ``images`` keys are views into the batch tensors ``images``, as an
+    :class:`AssembledBatch`: the batch is ``images`` plus the other keys joined by ``default_collate``."""
+    labels = default_collate([{key: value for key, value in x.items() if key not in images} for x in samples])
+    return AssembledBatch(samples, {**images, **labels})
 
 
 @DATASETS.register("robust_nifti")
@@ -177,32 +275,41 @@ class RobustNiftiDataset(BaseDataset):
         self.settings = SliceSettings.from_options(opt)
         self.context_slices = opt.context_slices
         self.flip = opt.isTrain and not opt.no_flip
-        cache_dir = Path(opt.cache_dir)
-        if opt.no_cache:
-            cache_dir = Path(tempfile.mkdtemp(prefix="ct_slices-"))
-            atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
-
-        files, unpaired = find_pairs(Path(opt.dataroot), opt.phase)
+        cache_dir, identities = open_slice_cache(opt)
+        # --phases (options resolved them: phase_list, num_phases): the targets served, in order.
+        self.phase_list = tuple(getattr(opt, "phase_list", (0,)))
+        code_nc, _ = conditioning_channels(len(self.phase_list), getattr(opt, "phase_conditioning", "output"))
+        self.phase_codes = (
+            [phase_code(k, opt.num_phases) for k in self.phase_list] if code_nc else None
+        )  # input conditioning: each (slice, phase) is a sample, with the phase's code as channel 0 of A
+        unreadable: list[tuple[Path, str]] = []
+        files, unpaired, num_phases = find_phase_pairs(Path(opt.dataroot), opt.phase, self.phase_list, unreadable)
+        if len(self.phase_list) > 1 and num_phases != opt.num_phases:
+            raise DatasetError(
+                f"{Path(opt.dataroot) / (opt.phase + 'B')}: the targets have {num_phases} phases, but this run "
+                f"was set up for {opt.num_phases} (--num_phases, saved with the run)"
+            )
+        for path, reason in unreadable:
+            skip_or_stop([], path, reason, opt.skip_corrupted)
         if unpaired:
             logger.warning(
                 "%d file(s) without a partner of the same name, not used: %s",
                 len(unpaired),
                 ", ".join(str(p) for p in unpaired),
             )
-        # Each file's identity is read once, for the pruning and for its cache key.
-        identities = SourceIdentities()
-        if not opt.no_cache:
-            prune_stale_entries(cache_dir, identities)  # first: frees the space the rebuilds need
         self.report = load_pairs(files, self.settings, cache_dir, opt.skip_corrupted, identities)
+        self.report.skipped[:0] = unreadable
         self.report.unpaired = unpaired
         if not self.report.pairs:
             raise DatasetError(f"{opt.dataroot}: no usable volume pair ({len(self.report.skipped)} skipped)")
 
-        # (pair index, slice index) of every sample, in volume order.
+        # (pair index, slice index) of every slice, in volume order. With input conditioning,
+        # sample i is slice i // P with phase i % P: an epoch covers every (slice, phase) pair,
+        # and data.sampling.EpochSampler's permutation of the indices keeps resume exact.
         self.samples = [
             (pair_index, int(k))
-            for pair_index, (a, b) in enumerate(self.report.pairs)
-            for k in np.flatnonzero(a.usable & b.usable)
+            for pair_index, (a, targets) in enumerate(zip((a for a, _ in self.report.pairs), self.report.targets))
+            for k in np.flatnonzero(np.logical_and.reduce([a.usable, *(b.usable for b in targets)]))
         ]
         if opt.max_dataset_size < len(self.samples):
             kept = self.samples[: int(opt.max_dataset_size)]
@@ -231,7 +338,12 @@ class RobustNiftiDataset(BaseDataset):
         return lines
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) * self.phases_per_slice
+
+    @property
+    def phases_per_slice(self) -> int:
+        """Samples per slice: P with input conditioning (one per phase), else 1."""
+        return len(self.phase_codes) if self.phase_codes else 1
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
@@ -245,7 +357,7 @@ class RobustNiftiDataset(BaseDataset):
 
         Returns:
             The samples (as ``__getitem__`` gives them, views into the batch), with
-            ``.batch`` = ``{"A": (B, 1+2K, S, S), "B": (B, 1, S, S), "A_paths": [B paths],
+            ``.batch`` = ``{"A": (B, [1 code +] 1+2K, S, S), "B": (B, 1 or P, S, S), "A_paths": [B paths],
             "B_paths": [...], "slice_index": (B,) int64, "patient": [B names]}``; images
             float16 in [-1, 1].
         """
@@ -254,46 +366,57 @@ class RobustNiftiDataset(BaseDataset):
         items = [item if isinstance(item, tuple) else (item, None) for item in indices]
         located = [self._locate(index) for index, _ in items]
         size = located[0][0].slice_shape
-        a = torch.empty((len(indices), 1 + 2 * self.context_slices, *size), dtype=torch.float16)
-        b = torch.empty((len(indices), 1, *size), dtype=torch.float16)
-        if torch.utils.data.get_worker_info() is not None:
-            # As default_collate does in a worker: the batch travels to the trainer without a copy.
-            a.share_memory_(), b.share_memory_()
+        code_nc = 1 if self.phase_codes else 0
+        a = empty_batch(len(indices), code_nc + 1 + 2 * self.context_slices, size)
+        b = empty_batch(len(indices), len(located[0][1]), size)
         a_pixels, b_pixels = a.numpy(), b.numpy()
-        for i, (entry_a, entry_b, k) in enumerate(located):
+        for i, (entry_a, entries_b, k) in enumerate(located):
             chosen = items[i][1]
             flip = self.flip and (random.random() < 0.5 if chosen is None else bool(chosen))
+            if code_nc:
+                # channel 0: the phase code, before the CT channels, so that the centre channel
+                # (C // 2, which --residual adds back) stays the slice itself
+                a_pixels[i, 0] = self.phase_codes[index_phase(items[i][0], self.phases_per_slice)]
             # (1+2K, S, S): the slice and its K neighbours on each side
             self._reader.read_into(
-                a_pixels[i], entry_a, context_indices(k, entry_a.n_slices, self.context_slices), flip
+                a_pixels[i, code_nc:], entry_a, context_indices(k, entry_a.n_slices, self.context_slices), flip
             )
-            self._reader.read_into(b_pixels[i], entry_b, np.array([k]), flip)
+            for j, entry_b in enumerate(entries_b):  # (P, S, S) with output conditioning, else (1, S, S)
+                self._reader.read_into(b_pixels[i, j : j + 1], entry_b, np.array([k]), flip)
         a, b = a.to(self.sample_dtype), b.to(self.sample_dtype)
         samples = [
             {
                 "A": a[i],
                 "B": b[i],
                 "A_paths": str(entry_a.source),
-                "B_paths": str(entry_b.source),
+                "B_paths": str(entries_b[0].source),
                 "slice_index": k,
                 "patient": strip_nifti_suffix(entry_a.source.name),
             }
-            for i, (entry_a, entry_b, k) in enumerate(located)
+            for i, (entry_a, entries_b, k) in enumerate(located)
         ]
-        labels = default_collate([{key: value for key, value in x.items() if key not in ("A", "B")} for x in samples])
-        batch = {"A": a, "B": b, **labels}
-        return AssembledBatch(samples, batch)
+        return assemble(samples, {"A": a, "B": b})
 
-    def _locate(self, index: int) -> tuple[CachedVolume, CachedVolume, int]:
-        """(input entry, target entry, slice index) of sample ``index``."""
-        pair_index, k = self.samples[index]
-        entry_a, entry_b = self.report.pairs[pair_index]
-        return (entry_b, entry_a, k) if self.opt.direction == "BtoA" else (entry_a, entry_b, k)
+    def _locate(self, index: int) -> tuple[CachedVolume, tuple[CachedVolume, ...], int]:
+        """(input entry, target entries (one per output channel), slice index) of sample ``index``."""
+        per_slice = self.phases_per_slice
+        pair_index, k = self.samples[index // per_slice]
+        entry_a, targets = self.report.pairs[pair_index][0], self.report.targets[pair_index]
+        if per_slice > 1:
+            targets = (targets[index_phase(index, per_slice)],)
+        if self.opt.direction == "BtoA":  # one phase: options refuse BtoA with several
+            return targets[0], (entry_a,), k
+        return entry_a, targets, k
 
     @staticmethod
     def collate_fn(samples: list[dict]) -> dict:
         """The batch ``__getitems__`` made; other lists of samples are joined by ``default_collate``."""
         return samples.batch if isinstance(samples, AssembledBatch) else default_collate(samples)
+
+
+def index_phase(index: int, phases_per_slice: int) -> int:
+    """Which of the requested phases sample ``index`` serves (input conditioning)."""
+    return index % phases_per_slice
 
 
 class AssembledBatch(list):

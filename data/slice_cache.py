@@ -19,7 +19,8 @@ generator :meth:`SlicePipeline.network_inputs`, the same values in float32.
 tests/test_slice_pipeline.py checks that the two sides match.
 
 A volume is decoded once: its network slices go to
-``<cache_dir>/<folder>_<file stem>-<key>/slices.npy`` (float16, shape
+``<cache_dir>/<folder>_<file stem>[_frame<F>]-<key>/slices.npy`` (one entry per frame of a
+4D file, e.g. each phase of a 4D-CT; float16, shape
 ``(N, S, S)``, a plain .npy array that ``np.load(..., mmap_mode="r")`` maps), with
 ``entry.json`` describing them. Training and every DataLoader worker read slices from there
 (:class:`SliceReader`, a few at a time) without touching the NIfTI file again, so memory is
@@ -362,17 +363,21 @@ class SourceIdentities:
         return self._known[path]
 
 
-def cache_key(path: Path, settings: SliceSettings, identity: dict | None = None) -> str:
-    """The entry name's key: a hash of the file's identity and the slice settings.
+def cache_key(path: Path, settings: SliceSettings, identity: dict | None = None, frame: int | None = None) -> str:
+    """The entry name's key: a hash of the file's identity, the frame and the slice settings.
 
     Args:
         identity: ``source_identity(path)`` if already known.
+        frame: the frame of a 4D file (a phase of a 4D-CT) the entry holds; None for a 3D file,
+            whose key is the one it had before frames were cached.
     """
     described = {
         "format": CACHE_FORMAT,
         "identity": source_identity(path) if identity is None else identity,
         "settings": settings.key_fields(),
     }
+    if frame is not None:
+        described["frame"] = int(frame)
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
 
 
@@ -381,12 +386,15 @@ def cached_volume(
     settings: SliceSettings,
     cache_dir: Path,
     identity_of: Callable[[Path], dict] = source_identity,
+    frame: int | None = None,
 ) -> tuple[CachedVolume, bool]:
     """The cache entry of ``path`` under ``settings``, built first if missing or damaged.
 
     Args:
         identity_of: gives a file's :func:`source_identity`; a :class:`SourceIdentities`
             shares the lookups of a pass over the data set.
+        frame: for a 4D file, the frame (0-based) to cache: each frame is an entry of its
+            own, ``<folder>_<file stem>_frame<F>-<key>``.
 
     Returns:
         ``(entry, built)``: ``built`` is True when the volume had to be decoded now.
@@ -397,21 +405,22 @@ def cached_volume(
     """
     path = Path(path)
     try:
-        key = cache_key(path, settings, identity_of(path))
+        key = cache_key(path, settings, identity_of(path), frame)
     except OSError as err:
         raise VolumeError(path, f"cannot be opened ({err.strerror or err})") from err
-    folder = Path(cache_dir) / f"{path.parent.name}_{strip_nifti_suffix(path.name)}-{key}"
+    frame_part = "" if frame is None else f"_frame{int(frame)}"
+    folder = Path(cache_dir) / f"{path.parent.name}_{strip_nifti_suffix(path.name)}{frame_part}-{key}"
     entry = _load_entry(folder, path)
     if entry is not None:
         return entry, False
     if folder.exists():
         logger.warning("%s: cache entry %s is damaged or incomplete; rebuilding it", path, folder)
         shutil.rmtree(folder, ignore_errors=True)
-    return _build_entry(path, settings, folder, key), True
+    return _build_entry(path, settings, folder, key, frame), True
 
 
-def _build_entry(path: Path, settings: SliceSettings, folder: Path, key: str) -> CachedVolume:
-    volume, meta = read_volume(path)
+def _build_entry(path: Path, settings: SliceSettings, folder: Path, key: str, frame: int | None = None) -> CachedVolume:
+    volume, meta = read_volume(path, frame=frame)
     try:
         pipeline = SlicePipeline.for_volume(volume, settings)
     except ValueError as err:
@@ -439,6 +448,8 @@ def _build_entry(path: Path, settings: SliceSettings, folder: Path, key: str) ->
                 "blank": blank.tolist(),
                 "settings": dataclasses.asdict(settings),
             }
+            if frame is not None:
+                description["frame"] = int(frame)
             _write_description(partial, description)
             try:
                 os.replace(partial, folder)
@@ -609,6 +620,7 @@ def _is_stale(folder: Path, identity_of: Callable[[Path], dict]) -> bool:
     try:
         settings = SliceSettings(**description["settings"])
         key = description["key"]
+        frame = description.get("frame")
     except (KeyError, TypeError):
         return False
     try:
@@ -617,7 +629,7 @@ def _is_stale(folder: Path, identity_of: Callable[[Path], dict]) -> bool:
         return True
     except OSError:
         return False  # there but unreadable now (permissions): not ours to judge
-    return cache_key(source, settings, identity) != key
+    return cache_key(source, settings, identity, frame) != key
 
 
 def _process_alive(pid: int) -> bool:

@@ -36,8 +36,10 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import nibabel as nib
@@ -232,6 +234,27 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
     return volume, meta
 
 
+def frame_count(path: str | os.PathLike) -> int:
+    """How many frames ``path`` holds, from its header alone: 1 for a 3D volume (or a 4D file
+    with one frame), else the length of the 4th axis (e.g. the phases of a 4D-CT).
+
+    Raises:
+        VolumeError: the file is missing, not NIfTI, or neither 3D nor 4D.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with _nibabel_messages_to_debug(path):
+            image = nib.load(path)
+    except Exception as err:
+        raise VolumeError(path, f"cannot be read as NIfTI ({_describe(err)})") from err
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise VolumeError(path, f"is a {type(image).__name__}, not a NIfTI-1/2 image")
+    shape = tuple(int(s) for s in image.shape)
+    _, frame_index = _select_frame(path, shape, 0)
+    return 1 if frame_index is None else shape[3]
+
+
 def _decode(proxy: ArrayProxy, meta: VolumeMeta, frame_index: int | None) -> np.ndarray:
     """The canonical float32 volume: the stored voxels (one frame of a 4D file), scaled.
 
@@ -275,15 +298,22 @@ def write_volume(
     volume: np.ndarray,
     meta: VolumeMeta,
     dtype: str = "int16",
+    phases: Sequence[int] | None = None,
+    num_phases: int | None = None,
 ) -> Path:
     """Write a canonical (X, Y, Z) array onto the grid described by ``meta``, atomically.
 
     Args:
         path: output file; ``.nii.gz`` is compressed, ``.nii`` is not.
-        volume: canonical RAS+ array of shape ``meta.canonical_shape``, in the file's units.
+        volume: canonical RAS+ array of shape ``meta.canonical_shape``, in the file's units;
+            or (X, Y, Z, T): T frames on that grid (e.g. the phases of a 4D-CT), written as
+            one 4D file whose frame K ``read_volume(path, frame=K)`` reads back.
         meta: what ``read_volume`` (or ``new_volume_meta``) returned.
         dtype: ``"int16"`` (values rounded and clipped to the int16 range, no scaling) or
             ``"float32"``.
+        phases, num_phases: for a 4D volume whose frames are breathing phases: the phase
+            number of each frame and N, the phases of the whole cycle (default: frames
+            0..T-1 of T). The 4th axis is labelled with them (:func:`label_phase_axis`).
 
     Returns:
         The path written.
@@ -294,19 +324,24 @@ def write_volume(
     if not is_nifti_path(path):
         raise ValueError(f"{path}: output name must end in .nii or .nii.gz")
     volume = np.asarray(volume)
-    if volume.shape != meta.canonical_shape:
+    if volume.shape[:3] != meta.canonical_shape or volume.ndim not in (3, 4):
         raise ValueError(f"{path}: volume shape {volume.shape} differs from the grid's {meta.canonical_shape}")
 
     # NIfTI stores x fastest (Fortran order): in that layout nibabel writes the voxels without
     # another transposing copy. The element-wise steps below keep the layout.
-    data = np.asfortranarray(meta.to_storage(volume))
-    if dtype == "int16":
-        rounded = np.rint(data)  # a new array, so the caller's volume is left alone
-        data = np.clip(rounded, *_INT16_RANGE, out=rounded).astype(np.int16)
-    else:
-        data = data.astype(np.float32)
+    data = np.empty(meta.storage_shape + volume.shape[3:], dtype=dtype, order="F")
+    for frame in range(data.shape[3] if data.ndim == 4 else 1):  # a frame at a time: one frame of scratch
+        where = (..., frame) if data.ndim == 4 else ...
+        stored = meta.to_storage(volume[where])
+        if dtype == "int16":
+            stored = np.rint(stored)  # a new array, so the caller's volume is left alone
+            np.clip(stored, *_INT16_RANGE, out=stored)
+        np.copyto(data[where], stored, casting="unsafe")
 
     image = _build_image(data, meta)
+    if data.ndim == 4:
+        frames = range(data.shape[3]) if phases is None else phases
+        label_phase_axis(image.header, tuple(frames), data.shape[3] if num_phases is None else num_phases)
     compressed = path.name.lower().endswith(".nii.gz")
     with atomic_path(path, suffix=".nii.gz" if compressed else ".nii") as temporary:
         if compressed:
@@ -314,6 +349,43 @@ def write_volume(
         else:
             nib.save(image, temporary)
     return path
+
+
+def label_phase_axis(header, phases: tuple[int, ...], num_phases: int) -> None:
+    """Label the 4th axis of a 4D header as breathing phases, frame k being phase ``phases[k]``.
+
+    A phase is a position in a breathing cycle whose period in seconds nobody measured, so the
+    time unit (``xyzt_units``) is left unknown rather than given as seconds:
+
+    * ``descrip``: ``"breathing phases 0-9 of 10, frame k = k-th listed"``.
+    * ``intent_name``: ``"breathing phase"``.
+    * ``toffset`` and ``pixdim[4]``: the first phase number and the step between frames, so the
+      4th coordinate of frame k is its phase number (phases not equally spaced: 0 and 1, the
+      frame index, and ``descrip`` lists them).
+    """
+    steps = {b - a for a, b in pairwise(phases)}
+    if len(steps) > 1:  # not equally spaced: the coordinate is the frame index
+        first, step = 0, 1
+    else:
+        first, step = phases[0], steps.pop() if steps else 1
+    header["toffset"] = first
+    header["pixdim"][4] = step
+    header.set_xyzt_units(xyz=header.get_xyzt_units()[0], t="unknown")
+    header["descrip"] = describe_phases(phases, num_phases).encode()
+    header["intent_name"] = b"breathing phase"
+
+
+def describe_phases(phases: Sequence[int], num_phases: int) -> str:
+    """``(0, 1, ..., 9), 10`` -> ``"breathing phases 0-9 of 10, frame k = k-th listed"`` (80 characters at most)."""
+    runs: list[list[int]] = []
+    for n in phases:
+        if runs and runs[-1][1] == n - 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    listed = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    text = f"breathing phases {listed} of {num_phases}, frame k = k-th listed"
+    return text if len(text) <= 80 else f"{len(phases)} of {num_phases} breathing phases, {phases[0]} to {phases[-1]}"
 
 
 def _write_gzipped(image: nib.Nifti1Image, path: Path) -> None:

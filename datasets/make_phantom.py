@@ -60,6 +60,12 @@ Arrays are canonical RAS+ ``(X, Y, Z)`` (X left -> right, Y posterior -> anterio
 Z inferior -> superior), float32 HU with integer values in the scanner range
 [-1024, 3071]. Files go through ``data.volume_io`` with a DICOM-like storage affine.
 
+With ``--write_all_phases`` side B holds every phase of the cycle instead of phase 0 alone
+(phase K = frame K, phase 0 still end-inhale), as one 4D file per patient
+(``--phase_layout 4d``) or one 3D file per phase, ``patient_<i>_phase<K>.nii.gz``
+(``--phase_layout files``); side A stays the average of all phases, and phase 0 is the
+same volume as without the flag.
+
 Usage:
     python datasets/make_phantom.py --output_dir datasets/ct_phases_dataset
     python datasets/make_phantom.py --output_dir datasets/ct_phases_dataset --size seed --num_train 80
@@ -71,6 +77,7 @@ import argparse
 import logging
 import math
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -84,7 +91,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from data.volume_io import new_volume_meta, write_volume  # noqa: E402
+from data.volume_io import new_volume_meta, read_volume, write_volume  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -837,6 +844,39 @@ def make_patient(
     return average, phase0
 
 
+def make_patient_phases(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    spacing_mm: tuple[float, float, float],
+    num_phases: int,
+    noise_sd_hu: float = NOISE_SD_HU,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One random patient's whole breathing cycle and its average CT.
+
+    The same ``rng`` state gives the same patient as :func:`make_patient`, and the same phase 0
+    (noise included: phase 0's noise is drawn first, as there). Each other phase is rendered
+    on its own with its own noise, and the average is the mean of the phases as written (so
+    its noise is another draw than :func:`make_patient`'s, of the same distribution).
+
+    Returns:
+        ``(average_hu, phases_hu)``: (X, Y, Z) and (X, Y, Z, N) float32 arrays of integer HU
+        in [-1024, 3071]; ``phases_hu[..., k]`` is phase k (0 = end-inhale).
+    """
+    patient = sample_patient(rng, Grid.centred(shape, spacing_mm))
+    inhale = breathing_curve(num_phases).astype(np.float32)
+    static = _static_volume(patient.anatomy, patient.grid)
+    phases = np.empty((*static.shape, num_phases), dtype=np.float32)
+    for k in range(num_phases):
+        phases[..., k] = static + _breathing_volume(patient, inhale[k : k + 1])
+        if noise_sd_hu > 0:
+            phases[..., k] += noise_sd_hu * rng.standard_normal(static.shape, dtype=np.float32)
+    np.rint(phases, out=phases)
+    np.clip(phases, *SCANNER_RANGE_HU, out=phases)
+    # The mean of the phases as written (whole HU, clipped), so that A is their average to 0.5 HU.
+    average = np.rint(phases.mean(axis=-1))
+    return average, phases
+
+
 def body_mask(volume_hu: np.ndarray, air_threshold_hu: float = -500.0) -> np.ndarray:
     """(X, Y, Z) bool: voxels inside the body's outline in their axial slice, lungs included.
 
@@ -875,8 +915,13 @@ def write_dataset(
     num_phases: int,
     seed: int,
     overwrite: bool = False,
+    phase_layout: str | None = None,
 ) -> list[PhantomPair]:
     """Write num_train + num_test phantom pairs as trainA/trainB/testA/testB/patient_<i>.nii.gz.
+
+    ``phase_layout`` None writes phase 0 alone as side B; ``"4d"`` or ``"files"`` write every
+    phase there (:data:`PHASE_LAYOUTS`), and each pair's ``phase0_path`` is then the 4D file
+    or the phase-0 file.
 
     Each split numbers its patients from 1, as the reference's layout does (testA/patient_1
     is a different patient from trainA/patient_1). Patient k of the whole set (train ones
@@ -895,13 +940,94 @@ def write_dataset(
     for number, patient_seed in enumerate(patient_seeds, start=1):
         split = "train" if number <= num_train else "test"
         name = f"patient_{number if split == 'train' else number - num_train}.nii.gz"
-        average, phase0 = make_patient(np.random.default_rng(patient_seed), shape, spacing_mm, num_phases)
+        if phase_layout is None:
+            average, phase0 = make_patient(np.random.default_rng(patient_seed), shape, spacing_mm, num_phases)
+            path_b = write_volume(output_dir / f"{split}B" / name, phase0, meta, dtype="int16")
+        else:
+            average, phases = make_patient_phases(np.random.default_rng(patient_seed), shape, spacing_mm, num_phases)
+            phase0 = phases[..., 0]
+            path_b = write_phases(output_dir / f"{split}B" / name, phases, meta, phase_layout)
         path_a = write_volume(output_dir / f"{split}A" / name, average, meta, dtype="int16")
-        path_b = write_volume(output_dir / f"{split}B" / name, phase0, meta, dtype="int16")
         diff_hu = float(np.abs(average - phase0)[body_mask(phase0)].mean())
         logger.info("%s/%s: mean |A - B| inside the body %.1f HU", split, name, diff_hu)
         pairs.append(PhantomPair(path_a, path_b, diff_hu))
     return pairs
+
+
+# How --write_all_phases stores a patient's phases in side B (both read by data/phases.py).
+PHASE_LAYOUTS = {
+    "4d": "one 4D file per patient, frame K = phase K",
+    "files": "one 3D file per phase, patient_<i>_phase<K>.nii.gz",
+}
+
+
+def write_phases(path: Path, phases: np.ndarray, meta, layout: str) -> Path:
+    """Write (X, Y, Z, N) phases as ``path`` (4D) or as ``<stem>_phase<K>.nii.gz`` files;
+    returns the file that holds phase 0."""
+    if layout not in PHASE_LAYOUTS:
+        raise ValueError(f"phase layout must be one of {sorted(PHASE_LAYOUTS)}, got {layout!r}")
+    if layout == "4d":
+        return write_volume(path, phases, meta, dtype="int16")
+    stem = path.name.removesuffix(".nii.gz")
+    written = [
+        write_volume(path.with_name(f"{stem}_phase{k}.nii.gz"), phases[..., k], meta, dtype="int16")
+        for k in range(phases.shape[-1])
+    ]
+    return written[0]
+
+
+# Where misregister_train_targets keeps the registered training targets (the truth).
+TRUE_TARGET_DIR = "trueB"
+
+
+def misregister(volume_hu: np.ndarray, rng: np.random.Generator, shift_vox: float, rotation_deg: float,
+                fill_hu: float = HU["air"]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``volume_hu`` moved rigidly in the axial plane, as a patient who shifted between two scans.
+
+    A rotation about the volume's central SI axis by an angle drawn uniformly in
+    ±``rotation_deg``, then a shift drawn uniformly in ±``shift_vox`` voxels along X and along
+    Y; linear interpolation, air where the moved volume leaves the grid, whole HU.
+
+    Returns:
+        ``(moved, (shift_x_vox, shift_y_vox, angle_deg))``: (X, Y, Z) float32 and what was drawn.
+    """
+    angle_deg = float(rng.uniform(-rotation_deg, rotation_deg))
+    shift = rng.uniform(-shift_vox, shift_vox, size=2)
+    cos, sin = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    rotation = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
+    centre = (np.asarray(volume_hu.shape, dtype=float) - 1) / 2
+    offset_out = np.array([shift[0], shift[1], 0.0])
+    # affine_transform maps output voxels to input voxels: input = R^-1 (output - centre - shift) + centre.
+    inverse = rotation.T
+    offset = centre - inverse @ (centre + offset_out)
+    moved = ndimage.affine_transform(volume_hu, inverse, offset=offset, order=1, mode="constant", cval=fill_hu)
+    return np.rint(moved).astype(np.float32), (float(shift[0]), float(shift[1]), angle_deg)
+
+
+def misregister_train_targets(output_dir: str | Path, shift_vox: float, rotation_deg: float, seed: int) -> list[Path]:
+    """Move every ``trainB/`` volume rigidly (:func:`misregister`), keeping the registered one in ``trueB/``.
+
+    Training pairs are then no longer registered voxel to voxel (as average and phase volumes
+    from different reconstructions or acquisitions often are), while ``testB/`` stays the true,
+    registered phase 0 of the test patients, so test.py and validation score against the truth.
+    Each patient's motion depends only on (seed, file name).
+
+    Returns:
+        The moved ``trainB/`` files.
+    """
+    output_dir = Path(output_dir)
+    (output_dir / TRUE_TARGET_DIR).mkdir(parents=True, exist_ok=True)
+    moved_paths = []
+    for path in sorted((output_dir / "trainB").glob("patient_*.nii.gz")):
+        volume, meta = read_volume(path)
+        write_volume(output_dir / TRUE_TARGET_DIR / path.name, volume, meta, dtype="int16")
+        rng = np.random.default_rng([seed, zlib.crc32(path.name.encode())])
+        moved, (dx, dy, angle) = misregister(volume, rng, shift_vox, rotation_deg)
+        write_volume(path, moved, meta, dtype="int16")
+        logger.info("trainB/%s: moved %.1f, %.1f voxels and %.1f degrees (registered copy in %s/)", path.name, dx, dy,
+                    angle, TRUE_TARGET_DIR)
+        moved_paths.append(path)
+    return moved_paths
 
 
 def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -958,6 +1084,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_phases", type=_int_at_least(2), default=10, help="phases in the breathing cycle")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace the phantom in a non-empty --output_dir")
+    parser.add_argument(
+        "--write_all_phases",
+        action="store_true",
+        help="side B holds every phase of the cycle (phase 0 = end-inhale first), not phase 0 alone",
+    )
+    parser.add_argument(
+        "--phase_layout",
+        default="4d",
+        choices=sorted(PHASE_LAYOUTS),
+        help="with --write_all_phases: " + "; ".join(f"{k}: {v}" for k, v in PHASE_LAYOUTS.items()),
+    )
+    parser.add_argument(
+        "--misregister",
+        type=float,
+        nargs=2,
+        metavar=("SHIFT_VOX", "ROTATION_DEG"),
+        help="move each trainB/ volume rigidly by up to SHIFT_VOX voxels along X and Y and ROTATION_DEG degrees "
+        "about the SI axis (drawn per patient), keeping the registered ones in trueB/; testB/ stays registered. "
+        "Unregistered pairs for --model cycle_gan",
+    )
     return parser
 
 
@@ -968,11 +1114,19 @@ def main(opt: argparse.Namespace) -> None:
     spacing_mm = tuple(opt.spacing_mm or preset.spacing_mm)
     try:
         pairs = write_dataset(
-            opt.output_dir, opt.num_train, opt.num_test, shape, spacing_mm, opt.num_phases, opt.seed, opt.overwrite
+            opt.output_dir, opt.num_train, opt.num_test, shape, spacing_mm, opt.num_phases, opt.seed, opt.overwrite,
+            phase_layout=opt.phase_layout if opt.write_all_phases else None,
         )
     except FileExistsError as error:
         print(f"make_phantom.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    if opt.misregister:
+        if opt.write_all_phases:
+            print("make_phantom.py: error: --misregister moves phase 0 alone; leave out --write_all_phases", file=sys.stderr)
+            raise SystemExit(2)
+        misregister_train_targets(opt.output_dir, *opt.misregister, seed=opt.seed)
+        print(f"trainB/ moved by up to {opt.misregister[0]:g} voxels and {opt.misregister[1]:g} degrees; "
+              f"registered copies in {TRUE_TARGET_DIR}/")
 
     mean_diff_hu = np.mean([pair.mean_abs_diff_body_hu for pair in pairs])
     print(f"Wrote {opt.num_train} train + {opt.num_test} test pairs to {opt.output_dir}/{{trainA,trainB,testA,testB}}")
@@ -980,6 +1134,8 @@ def main(opt: argparse.Namespace) -> None:
         f"grid {' x '.join(map(str, shape))} voxels at {' x '.join(f'{s:.2f}' for s in spacing_mm)} mm, "
         f"{opt.num_phases} breathing phases, seed {opt.seed}"
     )
+    if opt.write_all_phases:
+        print(f"side B: all {opt.num_phases} phases ({PHASE_LAYOUTS[opt.phase_layout]}), phase 0 = end-inhale")
     print(
         f"mean |A - B| inside the body: {mean_diff_hu:.1f} HU (A = average CT, B = phase 0; mean over n = {len(pairs)})"
     )

@@ -58,12 +58,13 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from data.body import BODY_THRESHOLD_HU, body_mask  # the one definition; re-exported here
+
 if TYPE_CHECKING:  # evaluation.perceptual imports this module
     from evaluation.perceptual import LpipsScorer
 
 RANGE_HU = (-1024.0, 3071.0)
 DATA_RANGE_HU = RANGE_HU[1] - RANGE_HU[0]  # 4095
-BODY_THRESHOLD_HU = -500.0
 SSIM_WIN_SIZE = 7  # skimage's default
 LUNG_THRESHOLD_HU = -400.0
 MOVING_THRESHOLD_HU = 100.0
@@ -83,26 +84,6 @@ METRIC_LABELS = {
 }
 HIGHER_IS_BETTER = {"mae_hu": False, "psnr_db": True, "ssim": True, LPIPS_METRIC: False, **dict.fromkeys(REGION_METRICS, False)}
 BASELINE_PREFIX = "baseline_"
-
-
-def body_mask(target_hu: np.ndarray, threshold_hu: float = BODY_THRESHOLD_HU) -> np.ndarray:
-    """(X, Y, Z) bool: the body of a canonical CT volume, lungs included.
-
-    Voxels above ``threshold_hu``, reduced to their largest 3D connected component (face
-    connectivity), with holes filled in each axial slice (``[:, :, k]``) separately. A volume
-    with no voxel above the threshold gives an all-False mask.
-    """
-    tissue = np.asarray(target_hu) > threshold_hu
-    labels, n_components = ndimage.label(tissue)
-    if n_components == 0:
-        return tissue
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0  # background
-    largest = labels == sizes.argmax()
-    # A 2D cross in the plane of axis 2: holes are filled within each axial slice only.
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    return ndimage.binary_fill_holes(largest, structure=in_plane)
 
 
 def motion_regions(input_hu: np.ndarray, target_hu: np.ndarray, body: np.ndarray) -> dict[str, np.ndarray]:

@@ -26,6 +26,16 @@ Output, in ``<results_dir>/<name>/<phase>_<epoch>/`` (``<epoch>`` is ``iter_<n>`
   ``baseline_lpips``) when its weight files are in place (evaluation/perceptual.py), and is
   skipped with one log line naming the missing file otherwise.
 
+A model of several phases (``train.py --phases all``), or targets stored as phases (a 4D file
+per patient, or ``<patient>_phase<K>.nii.gz``; data/phases.py), is tested phase by phase
+(evaluation/phases.py): ``volumes/<patient>_phases.nii.gz`` (4D, frame k = the k-th phase)
+and ``<patient>_mip.nii.gz``; every phase scored against its target and the MIP against the
+true MIP; ``metrics.csv`` has one row per patient and phase (``phase`` column, ``mip`` for the
+MIP), ``metrics.json`` adds ``phases``, ``phase_rows`` and ``phase_summary`` (its
+``patients``/``summary`` hold each patient's mean over phases); the page adds a table per
+phase and, per patient, one coronal slice through the diaphragm across all phases (generated,
+target, difference) and the generated against the true MIP.
+
 A file that cannot be read, a pair whose grids differ, or a volume that cannot be generated
 or scored stops the run with one line naming the file, or is skipped with a warning under
 ``--skip_corrupted``.
@@ -47,8 +57,10 @@ import torch
 
 from data.base_dataset import DatasetError
 from data.pairing import find_pairs, read_pair
+from data.phases import PhaseSource
 from data.slicing import SLICE_AXES, display_spacing_mm, slice_for_display, volume_to_slices
-from data.volume_io import VolumeError, strip_nifti_suffix, write_volume
+from data.unaligned_nifti_dataset import volume_files
+from data.volume_io import VolumeError, read_volume, strip_nifti_suffix, write_volume
 from evaluation.metrics import (
     BASELINE_PREFIX,
     BODY_THRESHOLD_HU,
@@ -65,6 +77,16 @@ from evaluation.metrics import (
     summarise,
 )
 from evaluation.perceptual import LpipsScorer
+from evaluation.phases import (
+    MIP_PHASE,
+    farthest_phase,
+    find_phase_targets,
+    mean_over_phases,
+    read_targets,
+    score_phases,
+    strip_rows,
+    summarise_by_phase,
+)
 from inference.volume import PhaseGenerator, load_generator
 from util import run_folder
 from util.html import HTML, ImageCell
@@ -136,6 +158,9 @@ class PatientResult:
     target_path: Path | None
     metrics: dict[str, float] | None  # evaluate_patient's keys; None without a target
     views: list[SliceView] = field(default_factory=list)  # the coronal view, then the slices along the model's axis
+    # Tested phase by phase (evaluation/phases.py): one row per phase and the MIP's; ``metrics``
+    # is then their mean over phases.
+    phase_rows: list[dict] | None = None
 
 
 @dataclass
@@ -150,10 +175,19 @@ class TestReport:
     skipped: list[tuple[Path, str]]
     summary: dict[str, dict[str, float]] | None
     metric_names: tuple[str, ...] = METRICS  # METRICS, plus "lpips" when it was scored
+    phases: tuple[int, ...] = (0,)  # the model's phases
+    phase_summary: dict[str, dict] | None = None  # tested phase by phase: summarise_by_phase's
 
     def summary_lines(self) -> list[str]:
         """What the script prints at the end: the mean scores, then where the results are."""
         lines = [f"{len(self.patients)} volume(s) generated, {len(self.skipped)} skipped"]
+        if self.phase_summary is not None:
+            for phase, stats in self.phase_summary.items():
+                who = "MIP vs true MIP" if phase == MIP_PHASE else f"phase {phase}"
+                lines.append(f"{who}: MAE (HU) in body generated {_mean_std('mae_hu', stats['mae_hu'])}, input "
+                             f"average {_mean_std('mae_hu', stats[BASELINE_PREFIX + 'mae_hu'])}")
+            if self.summary is not None:
+                lines.append("mean over phases:")
         if self.summary is not None:
             for metric in self.metric_names:
                 ours, baseline = self.summary[metric], self.summary[BASELINE_PREFIX + metric]
@@ -209,6 +243,33 @@ def find_test_volumes(dataroot: Path, phase: str, num_test: int) -> list[tuple[P
     return pairs[:num_test]
 
 
+def generator_choice(opt: argparse.Namespace, saved: dict) -> dict:
+    """``load_generator``'s ``direction``/``net_name`` for test.py: ``--model test --model_suffix``
+    names the file's generator (upstream's TestModel); a cycle_gan run's G_A or G_B follows
+    ``--direction``; a pix2pix run's one G is always used (its direction is the run's)."""
+    if getattr(opt, "model", None) == "test" and getattr(opt, "model_suffix", None) is not None:
+        return {"net_name": "G" + opt.model_suffix}
+    if saved.get("model") == "cycle_gan":
+        return {"direction": opt.direction}
+    return {}
+
+
+def test_cases(opt: argparse.Namespace, saved: dict) -> list[tuple[Path, Path | None]]:
+    """(input, target or None) volumes to test: ``--dataset_mode single_nifti`` translates the volumes
+    of ``--dataroot`` itself, unscored (upstream's single mode); a cycle_gan run tested ``--direction
+    BtoA`` reads ``<phase>B/`` and scores against ``<phase>A/``; else :func:`find_test_volumes`."""
+    if getattr(opt, "dataset_mode", None) == "single_nifti":
+        try:
+            files = volume_files(Path(opt.dataroot))
+        except DatasetError as err:
+            raise DatasetError(f"{err} (--dataset_mode single_nifti reads the volumes of --dataroot itself)") from None
+        return [(path, None) for path in files[: opt.num_test]]
+    cases = find_test_volumes(Path(opt.dataroot), opt.phase, opt.num_test)
+    if saved.get("model") == "cycle_gan" and opt.direction == "BtoA":
+        cases = [(target, source) for source, target in cases if target is not None]
+    return cases
+
+
 def csv_columns(metric_names: tuple[str, ...] = METRICS) -> tuple[str, ...]:
     """metrics.csv's columns: the patient, each metric, then each metric's baseline."""
     return ("patient", *metric_names, *(BASELINE_PREFIX + m for m in metric_names))
@@ -257,11 +318,14 @@ def run_test(opt: argparse.Namespace, device: torch.device) -> TestReport:
             ``--skip_corrupted``), or no volume could be used at all.
     """
     checkpoint = checkpoint_label(opt)
-    generator = load_generator(opt.checkpoints_dir, opt.name, checkpoint, device)
+    saved = run_folder.load_options(Path(opt.checkpoints_dir) / opt.name) or {}
+    generator = load_generator(opt.checkpoints_dir, opt.name, checkpoint, device, **generator_choice(opt, saved))
     _warn_ignored_flags(opt)
     # None (after one log line naming the missing file) when LPIPS's weights are not in place.
     lpips_scorer = LpipsScorer.from_torchvision_cache(generator.device) if getattr(opt, "lpips", False) else None
-    cases = find_test_volumes(Path(opt.dataroot), opt.phase, opt.num_test)
+    cases = test_cases(opt, saved)
+    skipped: list[tuple[Path, str]] = []
+    targets = phase_targets(opt, saved, cases, generator, skipped)  # None: one 3D target per input, as always
     web_dir = results_folder(opt)
     volumes_dir = web_dir / "volumes"
     volumes_dir.mkdir(parents=True, exist_ok=True)
@@ -270,14 +334,20 @@ def run_test(opt: argparse.Namespace, device: torch.device) -> TestReport:
     skip_corrupted = getattr(opt, "skip_corrupted", False)
 
     metric_names = (*METRICS, LPIPS_METRIC) if lpips_scorer is not None else METRICS
-    results, skipped = [], []
+    results = []
     for input_path, target_path in cases:
         start = time.time()
         patient = strip_nifti_suffix(input_path.name)
         try:
-            result = _test_one(
-                generator, patient, input_path, target_path, volumes_dir, page.img_dir, opt, lpips_scorer
-            )
+            if targets is None:
+                result = _test_one(
+                    generator, patient, input_path, target_path, volumes_dir, page.img_dir, opt, lpips_scorer
+                )
+            else:
+                result = _test_phases(
+                    generator, patient, input_path, targets.get(input_path), volumes_dir, page.img_dir, opt,
+                    lpips_scorer,
+                )
         except VolumeError as err:
             if not skip_corrupted:
                 raise DatasetError(f"{err} (pass --skip_corrupted to skip such files)") from err
@@ -292,6 +362,7 @@ def run_test(opt: argparse.Namespace, device: torch.device) -> TestReport:
 
     rows = [{"patient": r.patient, **r.metrics} for r in results if r.metrics is not None]
     summary = summarise(rows) if rows else None
+    phase_rows = [{"patient": r.patient, **row} for r in results for row in r.phase_rows or ()]
     report = TestReport(
         web_dir,
         web_dir / "index.html",
@@ -301,8 +372,10 @@ def run_test(opt: argparse.Namespace, device: torch.device) -> TestReport:
         skipped,
         summary,
         metric_names,
+        tuple(generator.phases),
+        summarise_by_phase(phase_rows) if phase_rows else None,
     )
-    _write_metrics(report, rows)
+    _write_metrics(report, rows, phase_rows)
     _write_page(page, report, opt)
     return report
 
@@ -333,18 +406,132 @@ def _test_one(
         except ValueError as err:
             raise VolumeError(target_path, f"cannot be scored ({err})") from err
     output_path = write_volume(volumes_dir / f"{patient}_phase0.nii.gz", generated, meta, dtype=opt.output_dtype)
+    views = _views(volume, generated, target, meta.spacing_mm, generator.settings.slice_axis, patient, opt, img_dir)
+    return PatientResult(patient, input_path, output_path, target_path, metrics, views)
 
+
+def _views(
+    volume: np.ndarray,
+    generated: np.ndarray,
+    target: np.ndarray | None,
+    spacing_mm: tuple[float, float, float],
+    axis: str,
+    patient: str,
+    opt: argparse.Namespace,
+    img_dir: Path,
+    label: str = "",
+) -> list[SliceView]:
+    """A patient's coronal view (see :func:`coronal_index`), then ``--num_images`` slices along ``axis``.
+
+    Args:
+        label: put before each title and picture name (e.g. ``"phase 3"``), for a model of several phases.
+    """
     windows = display_windows(opt)
     volumes = {kind: v for kind, v in zip(IMAGE_KINDS, (volume, generated, target)) if v is not None}
+    prefix, stem = (f"{label}, ", label.replace(" ", "") + "_") if label else ("", "")
     y, why = coronal_index(volume, target)
-    title = f"coronal slice {y} of {volume.shape[1]}, {why}"
-    views = [picture_view(volumes, "coronal", y, title, patient, f"coronal{y:03d}", meta.spacing_mm, windows, img_dir)]
-    axis = generator.settings.slice_axis
+    title = f"{prefix}coronal slice {y} of {volume.shape[1]}, {why}"
+    views = [picture_view(volumes, "coronal", y, title, patient, f"{stem}coronal{y:03d}", spacing_mm, windows, img_dir)]
     n_slices = volume.shape[SLICE_AXES[axis]]
     for k in display_slices(n_slices, opt.num_images):
-        title = f"{axis} slice {k} of {n_slices}"
-        views.append(picture_view(volumes, axis, k, title, patient, f"slice{k:03d}", meta.spacing_mm, windows, img_dir))
-    return PatientResult(patient, input_path, output_path, target_path, metrics, views)
+        title = f"{prefix}{axis} slice {k} of {n_slices}"
+        views.append(picture_view(volumes, axis, k, title, patient, f"{stem}slice{k:03d}", spacing_mm, windows, img_dir))
+    return views
+
+
+def phase_targets(
+    opt: argparse.Namespace,
+    saved: dict,
+    cases: list[tuple[Path, Path | None]],
+    generator: PhaseGenerator,
+    skipped: list[tuple[Path, str]],
+) -> dict[Path, tuple[PhaseSource, ...]] | None:
+    """The target of each of the model's phases per input, when the test is one phase by phase:
+    a model of several phases, or of one phase K, or targets stored as phases (data/phases.py).
+    None for one 3D target of phase 0 per input (tested as always), for unscored single
+    volumes and for a cycle_gan run tested BtoA.
+
+    Raises:
+        DatasetError: a phase set is mixed, incomplete or inconsistent, or a file in ``<phase>B/``
+            cannot be read (without ``--skip_corrupted``; with it, the file is added to ``skipped``).
+    """
+    if getattr(opt, "dataset_mode", None) == "single_nifti" or (
+        saved.get("model") == "cycle_gan" and getattr(opt, "direction", "AtoB") == "BtoA"
+    ):
+        return None
+    folder_b = Path(opt.dataroot) / f"{opt.phase}B"
+    found: list[tuple[Path, str]] = []
+    try:
+        targets, num_phases = find_phase_targets(
+            folder_b, [input_path for input_path, _ in cases], tuple(generator.phases),
+            found if getattr(opt, "skip_corrupted", False) else None,
+        )
+    except VolumeError as err:
+        raise DatasetError(f"{err} (pass --skip_corrupted to skip such files)") from err
+    if num_phases == 1 and tuple(generator.phases) == (0,):
+        return None  # 3D targets: paired and read as always (files that cannot be read are found then)
+    skipped.extend(found)
+    return targets
+
+
+def _test_phases(
+    generator: PhaseGenerator,
+    patient: str,
+    input_path: Path,
+    sources: tuple[PhaseSource, ...] | None,
+    volumes_dir: Path,
+    img_dir: Path,
+    opt: argparse.Namespace,
+    lpips_scorer: LpipsScorer | None = None,
+) -> PatientResult:
+    """:func:`_test_one` phase by phase (evaluation/phases.py): generate the model's phases, write
+    them (4D) and their MIP, score each phase and the MIP, picture a strip across phases. Every
+    problem is a VolumeError."""
+    volume, meta = read_volume(input_path)
+    targets = read_targets(input_path, volume, meta, sources) if sources is not None else None  # (P, X, Y, Z)
+    phases = tuple(generator.phases)
+    try:
+        generated = generator.translate_phases(volume)[0] if len(phases) > 1 else generator.translate(volume)[0][None]
+    except ValueError as err:
+        raise VolumeError(input_path, f"cannot be translated ({err})") from err
+    if opt.output_dtype == "int16":
+        generated = np.rint(generated)  # score and show the volumes as written
+
+    rows = metrics = None
+    if targets is not None:
+        try:
+            rows = score_phases(volume, generated, targets, phases, lpips_scorer)
+        except ValueError as err:
+            raise VolumeError(sources[0].path, f"cannot be scored ({err})") from err
+        metrics = mean_over_phases(rows)
+    axis = generator.settings.slice_axis
+    if len(phases) == 1:
+        output_path = write_volume(volumes_dir / f"{patient}_phase{phases[0]}.nii.gz", generated[0], meta,
+                                   dtype=opt.output_dtype)
+        target = None if targets is None else targets[0]
+        views = _views(volume, generated[0], target, meta.spacing_mm, axis, patient, opt, img_dir)
+        return PatientResult(patient, input_path, output_path, sources and sources[0].path, metrics, views, rows)
+
+    output_path = write_volume(volumes_dir / f"{patient}_phases.nii.gz", np.moveaxis(generated, 0, -1), meta,
+                               dtype=opt.output_dtype, phases=phases, num_phases=generator.num_phases)
+    mip = generated.max(axis=0)
+    write_volume(volumes_dir / f"{patient}_mip.nii.gz", mip, meta, dtype=opt.output_dtype)
+
+    # The strip through the diaphragm: the coronal slice where the input differs most from the
+    # phase farthest from it; the phase pictures below are of that phase too.
+    k = 0 if targets is None else farthest_phase(volume, targets)
+    y, why = coronal_index(volume, None if targets is None else targets[k])
+    windows = display_windows(opt)
+    where = f"coronal slice {y} of {volume.shape[1]}, {why} in phase {phases[k]}"
+    views = [SliceView(f"every phase, {where}",
+                       strip_rows(generated, targets, phases, y, meta.spacing_mm, windows, patient, img_dir))]
+    true_mip = None if targets is None else targets.max(axis=0)
+    mip_volumes = {kind: v for kind, v in zip(IMAGE_KINDS, (volume, mip, true_mip)) if v is not None}
+    views.append(picture_view(mip_volumes, "coronal", y, f"MIP over phases (input: the average), {where}", patient,
+                              f"mip_coronal{y:03d}", meta.spacing_mm, windows, img_dir))
+    target = None if targets is None else targets[k]
+    views += _views(volume, generated[k], target, meta.spacing_mm, axis, patient, opt, img_dir, f"phase {phases[k]}")
+    return PatientResult(patient, input_path, output_path, sources and sources[0].path, metrics, views, rows)
 
 
 def picture_view(
@@ -402,6 +589,10 @@ def _warn_ignored_flags(opt: argparse.Namespace) -> None:
     """
     saved = run_folder.load_options(Path(opt.checkpoints_dir) / opt.name) or {}
     for key in run_folder.MODEL_DEFINING_OPTIONS:
+        if key == "direction" and saved.get("model") == "cycle_gan":
+            continue  # a cycle_gan run translates both ways: --direction picks G_A or G_B
+        if key == "model" and getattr(opt, "model", None) == "test":
+            continue  # upstream's test model: one generator of the run, whatever the run's model
         if key in saved and hasattr(opt, key) and getattr(opt, key) != saved[key]:
             logger.warning(
                 "--%s %s differs from the run's --%s %s (train_opt.json); testing with the run's value",
@@ -412,17 +603,19 @@ def _warn_ignored_flags(opt: argparse.Namespace) -> None:
             )
 
 
-def _write_metrics(report: TestReport, rows: list[dict]) -> None:
+def _write_metrics(report: TestReport, rows: list[dict], phase_rows: list[dict] | None = None) -> None:
+    """metrics.csv (a row per patient; tested phase by phase, a row per patient and phase) and metrics.json."""
     csv_path, json_path = report.web_dir / "metrics.csv", report.web_dir / "metrics.json"
     if not rows:
         # A results folder reused by a run without targets must not show stale scores.
         csv_path.unlink(missing_ok=True)
         json_path.unlink(missing_ok=True)
         return
+    columns = csv_columns(report.metric_names)
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=csv_columns(report.metric_names))
+        writer = csv.DictWriter(f, fieldnames=(columns[0], "phase", *columns[1:]) if phase_rows else columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(phase_rows or rows)
     document = {
         "checkpoint": report.checkpoint,
         "metrics": {
@@ -437,6 +630,16 @@ def _write_metrics(report: TestReport, rows: list[dict]) -> None:
         "skipped": [{"path": str(path), "reason": reason} for path, reason in report.skipped],
         "non_finite": "null stands for inf (identical volumes) or nan",
     }
+    if phase_rows:
+        document["phases"] = list(report.phases)
+        document["metrics"]["phases"] = (
+            "phase_rows: each generated phase scored against its target phase, and (phase 'mip') the maximum over "
+            "the generated phases against the maximum over the target phases, the baseline being the input average "
+            "against the same; phase_summary: their mean, std, ... over patients; patients and summary: each "
+            "patient's mean over phases"
+        )
+        document["phase_rows"] = phase_rows
+        document["phase_summary"] = report.phase_summary
     json_path.write_text(json.dumps(_finite_or_none(document), indent=2, allow_nan=False) + "\n")
 
 
@@ -472,6 +675,12 @@ def _write_page(page: HTML, report: TestReport, opt: argparse.Namespace) -> None
         page.add_table_rows(header, rows)
     else:
         page.add_text(f"No {opt.phase}B/ targets: volumes were generated but not scored.")
+    if report.phase_summary is not None:
+        n = report.summary["mae_hu"]["n"]
+        page.add_header(f"Each phase against its target, and the MIP against the true MIP: mean ± std over {n} patient(s)")
+        page.add_text("The table above is each patient's mean over phases. 'input average' is the identity baseline: "
+                      "the input scored against each phase (and against the true MIP).")
+        page.add_table_rows(*_phase_table(report.phase_summary, report.metric_names, _mean_std))
     without = [r.patient for r in report.patients if r.metrics is None]
     if without and report.summary is not None:
         page.add_text(f"No target in {opt.phase}B/, generated but not scored: {', '.join(without)}")
@@ -493,12 +702,34 @@ def _write_page(page: HTML, report: TestReport, opt: argparse.Namespace) -> None
     )
     for result in report.patients:
         page.add_header(result.patient + ("" if result.metrics is not None else " (no target)"))
+        if result.phase_rows is not None and len(result.phase_rows) > 1:
+            by_phase = {str(row["phase"]): row for row in result.phase_rows}
+            page.add_table_rows(*_phase_table(by_phase, report.metric_names, _format))
         if result.metrics is not None:
             page.add_table_rows(*_region_table(lambda key, r=result: r.metrics[key], _format))
         for view in result.views:
             page.add_text(f"{result.patient}, {view.title}")
             page.add_image_grid(view.rows, width=opt.display_winsize)
     page.save()
+
+
+def _phase_table(by_phase: dict[str, dict], names: tuple[str, ...], show) -> tuple[list[str], list[list[str]]]:
+    """The page's "phase | MAE generated | MAE input average | change | PSNR ... " table.
+
+    Args:
+        by_phase: phase (``"0"``, ..., ``"mip"``) -> metric key -> what ``show`` formats.
+        show: ``(metric, value) -> str``.
+    """
+    header = ["phase"] + [
+        f"{METRIC_LABELS[m].split(' in body')[0]} {who}" for m in names for who in ("generated", "input average")
+    ] + ["MAE generated vs input average"]
+    rows = [
+        ["MIP vs true MIP" if phase == MIP_PHASE else phase]
+        + [show(m, values[key]) for m in names for key in (m, BASELINE_PREFIX + m)]
+        + [_change(values["mae_hu"], values[BASELINE_PREFIX + "mae_hu"])]
+        for phase, values in by_phase.items()
+    ]
+    return header, rows
 
 
 def _region_table(value, show) -> tuple[list[str], list[list[str]]]:

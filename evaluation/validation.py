@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.pairing import find_pairs, read_pair
-from data.volume_io import VolumeError
+from data.pairing import find_pairs, find_phase_pairs, grid_mismatch, read_pair
+from data.phases import PhaseSource, read_phase
+from data.volume_io import VolumeError, read_volume
 from evaluation.metrics import BASELINE_PREFIX, LPIPS_METRIC, evaluate_patient
 from evaluation.perceptual import LpipsScorer
 from inference.volume import PhaseGenerator
@@ -41,7 +42,9 @@ VALIDATION_PHASES = ("val", "test")
 N_PATIENTS = "n_patients"
 
 
-def find_validation_cases(dataroot: Path, max_patients: int) -> tuple[str, list[tuple[Path, Path]]]:
+def find_validation_cases(
+    dataroot: Path, max_patients: int, phases: tuple[int, ...] = (0,)
+) -> tuple[str, list[tuple[Path, Path | tuple[PhaseSource, ...]]]]:
     """The held-out pairs to validate on: ``valA/`` + ``valB/`` if both exist, else ``testA/`` + ``testB/``.
 
     Inputs and targets pair by identical file name (as for training); the first
@@ -49,9 +52,13 @@ def find_validation_cases(dataroot: Path, max_patients: int) -> tuple[str, list[
     patients than training's (file names may repeat across splits, as in the demo phantom,
     where each split numbers its patients from 1).
 
+    A model of other phases than phase 0 alone (``phases``, the run's ``--phases``) pairs each
+    input with those phases of its target, in any layout of data/phases.py.
+
     Returns:
-        ``(phase, pairs)``: ``"val"`` or ``"test"`` and the ``(input, target)`` paths;
-        ``("", [])`` when neither split exists.
+        ``(phase, pairs)``: ``"val"`` or ``"test"`` and the ``(input, target)`` paths (for
+        ``phases`` other than ``(0,)``, ``(input, the phases' sources)``); ``("", [])`` when
+        neither split exists.
 
     Raises:
         ValueError: ``max_patients`` is below 1.
@@ -67,7 +74,10 @@ def find_validation_cases(dataroot: Path, max_patients: int) -> tuple[str, list[
             if any(present):
                 logger.warning("%s has only %s/: not used for validation", dataroot, folders[present.index(True)].name)
             continue
-        pairs, unpaired = find_pairs(dataroot, phase)
+        if tuple(phases) == (0,):
+            pairs, unpaired = find_pairs(dataroot, phase)
+        else:
+            pairs, unpaired, _ = find_phase_pairs(dataroot, phase, phases)
         if unpaired:
             logger.warning(
                 "%s: %d file(s) without a partner of the same name, not validated: %s",
@@ -80,7 +90,9 @@ def find_validation_cases(dataroot: Path, max_patients: int) -> tuple[str, list[
 
 
 def validate(
-    generator: PhaseGenerator, cases: list[tuple[Path, Path]], lpips_scorer: LpipsScorer | None = None
+    generator: PhaseGenerator,
+    cases: list[tuple[Path, Path | tuple[PhaseSource, ...]]],
+    lpips_scorer: LpipsScorer | None = None,
 ) -> dict[str, float]:
     """Translate and score each case; the mean of each metric over the patients scored.
 
@@ -92,7 +104,8 @@ def validate(
     Returns:
         ``{"mae_hu", "psnr_db", "ssim", "baseline_mae_hu", "baseline_psnr_db",
         "baseline_ssim"}`` (plus ``"lpips"``, ``"baseline_lpips"`` with a scorer), each the
-        mean over patients, and ``"n_patients"``. Only ``{"n_patients": 0}`` when no case
+        mean over patients (for a model of several phases, a patient's score is the mean over
+        its phases), and ``"n_patients"``. Only ``{"n_patients": 0}`` when no case
         could be scored. ``psnr_db`` is ``inf`` if some volume equals its target.
 
     A pair that cannot be read, whose grids differ, or that cannot be translated or scored
@@ -150,9 +163,14 @@ def describe_validation(metrics: dict[str, float]) -> str:
 
 
 def _score_case(
-    generator: PhaseGenerator, input_path: Path, target_path: Path, lpips_scorer: LpipsScorer | None
+    generator: PhaseGenerator,
+    input_path: Path,
+    target_path: Path | tuple[PhaseSource, ...],
+    lpips_scorer: LpipsScorer | None,
 ) -> dict[str, float] | None:
     """evaluate_patient's scores of one pair, or None (with a warning) when it cannot be used."""
+    if not isinstance(target_path, Path):
+        return _score_phases(generator, input_path, target_path, lpips_scorer)
     try:
         volume, _, target = read_pair(input_path, target_path)  # (X, Y, Z) HU each
         try:
@@ -166,3 +184,31 @@ def _score_case(
     except VolumeError as err:
         logger.warning("validation skips %s: %s", err.path, err.problem)
         return None
+
+
+def _score_phases(
+    generator: PhaseGenerator, input_path: Path, sources: tuple[PhaseSource, ...], lpips_scorer: LpipsScorer | None
+) -> dict[str, float] | None:
+    """The mean over the generator's phases of evaluate_patient's scores, or None (with a warning)."""
+    try:
+        volume, meta = read_volume(input_path)
+        targets = []
+        for source in sources:
+            target, target_meta = read_phase(source)
+            problem = grid_mismatch(input_path, meta.canonical_shape, meta.canonical_affine,
+                                    source.path, target_meta.canonical_shape, target_meta.canonical_affine)
+            if problem:
+                raise VolumeError(source.path, problem)
+            targets.append(target)
+        try:
+            generated, _ = generator.translate_phases(volume)  # (P, X, Y, Z) HU
+        except ValueError as err:
+            raise VolumeError(input_path, f"cannot be translated ({err})") from err
+        try:
+            rows = [evaluate_patient(volume, generated[j], target, lpips_scorer) for j, target in enumerate(targets)]
+        except ValueError as err:
+            raise VolumeError(sources[0].path, f"cannot be scored ({err})") from err
+    except VolumeError as err:
+        logger.warning("validation skips %s: %s", err.path, err.problem)
+        return None
+    return {key: float(np.mean([row[key] for row in rows], dtype=np.float64)) for key in rows[0]}

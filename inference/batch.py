@@ -2,9 +2,10 @@
 
 :func:`translate_folder` yields one :class:`BatchRow` per input as it is done, in input
 order, so the caller can show progress and keep ``summary.csv`` current after each file. An
-input whose output volume already exists is skipped: :func:`~inference.volume.write_outputs`
-writes the volume last and atomically, so an existing output is a complete one and an
-interrupted batch resumes where it stopped.
+input whose output volumes all exist (for a model of several phases, every file that
+``--split_phases``/``--mip``/``--average`` ask for) is skipped:
+:func:`~inference.volume.write_outputs` renames its volumes into place only once all are
+complete, so an existing output is a complete one and an interrupted batch resumes where it stopped.
 
 On a GPU the stages of inference/volume.py overlap on a pipeline of three threads: a reader
 reads (decompresses and decodes) the next input while this thread runs the network on the
@@ -26,9 +27,11 @@ from pathlib import Path
 
 from data.volume_io import VolumeError, is_nifti_path
 from inference.volume import (
+    DEFAULT_OUTPUTS,
     PhaseGenerator,
+    PhaseOutputs,
     generate,
-    output_name,
+    output_names,
     read_input,
     timed,
     total_seconds,
@@ -44,6 +47,9 @@ SUMMARY_FILE = "summary.csv"
 # CUDA running out of memory on one large volume, OSError a file that cannot be written.
 PER_FILE_ERRORS = (VolumeError, OSError, RuntimeError, MemoryError)
 SUMMARY_COLUMNS = ("file", "status", "error", "slices", "seconds")
+# A model of several phases writes several files per input: summary.csv says which, and the
+# average's consistency check (--average).
+CYCLE_SUMMARY_COLUMNS = (*SUMMARY_COLUMNS, "outputs", "average_mae_hu")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ class BatchRow:
         error: why it failed; empty otherwise.
         slices: slices translated; None when skipped or failed.
         seconds: time spent on it: its stages' times added up (they overlap other files' stages).
+        outputs: the volumes written (or found, when skipped), file names separated by spaces.
+        average_mae_hu: with ``--average``: the generated phases' average against the input, MAE in
+            the body (HU; ``TranslationResult.average_mae_hu``); None otherwise.
         stage_seconds: seconds of each stage that ran (see ``TranslationResult``); not in the CSV.
     """
 
@@ -64,6 +73,8 @@ class BatchRow:
     error: str = ""
     slices: int | None = None
     seconds: float = 0.0
+    outputs: str = ""
+    average_mae_hu: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
 
@@ -91,6 +102,7 @@ def translate_folder(
     frame: int | None = None,
     batch_size: int = 8,
     save_slices: bool = True,
+    outputs: PhaseOutputs = DEFAULT_OUTPUTS,
     overlap: bool | None = None,
 ) -> Iterator[BatchRow]:
     """Translate each input into ``output_dir``, yielding its :class:`BatchRow` once its outputs are written.
@@ -99,7 +111,7 @@ def translate_folder(
         generator: from :func:`~inference.volume.load_generator`, loaded once for all inputs.
         inputs: NIfTI files (see :func:`find_inputs`).
         output_dir: where outputs go, as :func:`~inference.volume.write_outputs` names them.
-        output_dtype, frame, batch_size, save_slices: as for :func:`~inference.volume.translate_file`.
+        output_dtype, frame, batch_size, save_slices, outputs: as for :func:`~inference.volume.translate_file`.
         overlap: read the next input and write the previous one in two threads while this
             thread runs the network (at most three volumes in memory at once). False runs the
             stages one after another in this thread; the files written are the same, byte for
@@ -107,10 +119,11 @@ def translate_folder(
             network already keeps every core busy, and threads beside it slow it down: five
             512 x 512 x 113 volumes on 2 cores took 78-82 s overlapped against 59-63 s in turn.
     """
+    outputs.check(generator)
     if overlap is None:
         overlap = generator.device.type == "cuda"
     output_dir = Path(output_dir)
-    plan = _plan(inputs, output_dir)
+    plan = _plan(inputs, output_dir, tuple(generator.phases), outputs)
     to_read = iter([input_path for input_path, row in plan if row is None])
     with ExitStack() as stack:
         reader = stack.enter_context(_executor(overlap, "volume-reader"))
@@ -143,9 +156,11 @@ def translate_folder(
                 pending = None
                 yield _failed_row(input_path, err, seconds)
                 continue
-            del volume  # only the generated volume is written; let the input go
+            input_volume = volume if outputs.average else None  # the average is checked against it
+            del volume  # otherwise only the generated volume is written; let the input go
             write = writer.submit(
-                write_outputs, generator, input_path, output_dir, generated, window, meta, output_dtype, save_slices
+                write_outputs, generator, input_path, output_dir, generated, window, meta, output_dtype, save_slices,
+                outputs, input_volume,
             )
             yield from _report(pending)
             pending = _PendingWrite(input_path, write, seconds)
@@ -162,20 +177,24 @@ class _PendingWrite:
     seconds: dict[str, float]
 
 
-def _plan(inputs: Iterable[Path], output_dir: Path) -> list[tuple[Path, BatchRow | None]]:
-    """Each input with its row when it is decided before any work (skipped, or failed for a
-    clash of output names), else None: it is to be translated."""
+def _plan(
+    inputs: Iterable[Path], output_dir: Path, phases: tuple[int, ...], outputs: PhaseOutputs
+) -> list[tuple[Path, BatchRow | None]]:
+    """Each input with its row when it is decided before any work (skipped: all its outputs
+    exist; or failed for a clash of output names), else None: it is to be translated."""
     plan: list[tuple[Path, BatchRow | None]] = []
     claimed: dict[str, Path] = {}  # output name -> the input that produces it
     for input_path in inputs:
-        name = output_name(input_path)
-        if name in claimed:
+        names = list(output_names(input_path, phases, outputs).values())
+        clash = next((name for name in names if name in claimed), None)
+        if clash is not None:
             # patient_1.nii and patient_1.nii.gz would overwrite each other's output.
-            message = f"{input_path}: same output name {name} as {claimed[name].name}; rename one"
+            message = f"{input_path}: same output name {clash} as {claimed[clash].name}; rename one"
             plan.append((input_path, BatchRow(input_path.name, "failed", message)))
             continue
-        claimed[name] = input_path
-        plan.append((input_path, BatchRow(input_path.name, "skipped") if (output_dir / name).exists() else None))
+        claimed.update(dict.fromkeys(names, input_path))
+        done = all((output_dir / name).exists() for name in names)
+        plan.append((input_path, BatchRow(input_path.name, "skipped", outputs=" ".join(names)) if done else None))
     return plan
 
 
@@ -189,11 +208,14 @@ def _report(pending: _PendingWrite | None) -> Iterator[BatchRow]:
         yield _failed_row(pending.input_path, err, pending.seconds)
         return
     seconds = {**pending.seconds, **result.stage_seconds}
+    average = result.average_mae_hu
     yield BatchRow(
         pending.input_path.name,
         "ok",
         slices=result.n_slices,
         seconds=round(total_seconds(seconds), 2),
+        outputs=" ".join(path.name for path in result.output_paths),
+        average_mae_hu=None if average is None else round(average, 2),
         stage_seconds=seconds,
     )
 
@@ -221,16 +243,19 @@ class _RunNow(Executor):
         return future
 
 
-def write_summary(rows: Iterable[BatchRow], path: str | Path) -> Path:
-    """Write ``rows`` as CSV (columns ``file,status,error,slices,seconds``), atomically."""
+def write_summary(rows: Iterable[BatchRow], path: str | Path, columns: tuple[str, ...] = SUMMARY_COLUMNS) -> Path:
+    """Write ``rows`` as CSV, atomically.
+
+    Args:
+        columns: :data:`SUMMARY_COLUMNS` (``file,status,error,slices,seconds``), or for a model of
+            several phases :data:`CYCLE_SUMMARY_COLUMNS` (adds ``outputs,average_mae_hu``).
+    """
     path = Path(path)
     with atomic_path(path) as temporary, open(temporary, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow(
-                {column: "" if getattr(row, column) is None else getattr(row, column) for column in SUMMARY_COLUMNS}
-            )
+            writer.writerow({column: "" if getattr(row, column) is None else getattr(row, column) for column in columns})
     return path
 
 

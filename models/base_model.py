@@ -81,6 +81,14 @@ class BaseModel(ABC):
         """Add model-specific flags or change defaults."""
         return parser
 
+    @staticmethod
+    def option_problems(opt: argparse.Namespace) -> str | None:
+        """Why the parsed options cannot work with this model (one line for the user), or None.
+
+        The options' validation calls it, so a bad combination stops before any data is read.
+        """
+        return None
+
     @abstractmethod
     def set_input(self, batch: dict) -> None: ...
 

@@ -107,7 +107,7 @@ class UnetSkipConnectionBlock(nn.Module):
         return torch.cat([x, self.model(x)], 1)
 
 
-def add_input(input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+def add_input(input: torch.Tensor, output: torch.Tensor, centre_only: bool = False) -> torch.Tensor:
     """``--residual``: the generator predicts a change to its input instead of a new image.
 
     Adds the input's centre channel (the slice itself, when neighbours ride along as extra
@@ -116,10 +116,17 @@ def add_input(input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     difference, which converges far faster when input and target differ only where
     things move. No parameters: the state dict is unchanged.
 
+    With as many output as input channels, each output channel gets its own input channel;
+    otherwise, or with ``centre_only`` (one output channel per breathing phase, however many
+    there are), every output channel gets the centre channel. A phase-code channel prepended
+    to the 1+2K CT channels (``--phase_conditioning input``) keeps ``C_in // 2`` on the centre
+    CT slice.
+
     Shapes: input (B, C_in, H, W), output (B, C_out, H, W) -> (B, C_out, H, W).
     """
     centre = input.shape[1] // 2
-    base = input if input.shape[1] == output.shape[1] else input[:, centre : centre + 1]
+    whole = input.shape[1] == output.shape[1] and not centre_only
+    base = input if whole else input[:, centre : centre + 1]  # (B, 1, H, W) broadcasts over C_out
     return torch.clamp(base + output, -1.0, 1.0)
 
 
@@ -137,6 +144,7 @@ class UnetGenerator(nn.Module):
         norm_layer: norm factory.
         use_dropout: dropout in the ``num_downs - 5`` innermost middle blocks.
         residual: add the input to the output (see :func:`add_input`).
+        residual_centre: with ``residual``, add the centre input channel to every output channel.
 
     Shapes: ``(B, input_nc, H, W) -> (B, output_nc, H, W)`` in [-1, 1]; H and W
     multiples of ``2**num_downs``.
@@ -151,9 +159,10 @@ class UnetGenerator(nn.Module):
         norm_layer: NormFactory = nn.BatchNorm2d,
         use_dropout: bool = False,
         residual: bool = False,
+        residual_centre: bool = False,
     ) -> None:
         super().__init__()
-        self.residual = residual
+        self.residual, self.residual_centre = residual, residual_centre
         if num_downs < 5:
             raise ValueError(f"UnetGenerator needs num_downs >= 5, got {num_downs}")
         # Built from the inside out: innermost, num_downs - 5 middle blocks at ngf * 8,
@@ -173,7 +182,7 @@ class UnetGenerator(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         output = self.model(input)
-        return add_input(input, output) if self.residual else output
+        return add_input(input, output, self.residual_centre) if self.residual else output
 
 
 class ResnetBlock(nn.Module):
@@ -241,6 +250,7 @@ class ResnetGenerator(nn.Module):
         n_blocks: number of ResNet blocks (>= 0).
         padding_type: "reflect" | "replicate" | "zero", inside the blocks.
         residual: add the input to the output (see :func:`add_input`).
+        residual_centre: with ``residual``, add the centre input channel to every output channel.
 
     Shapes: ``(B, input_nc, H, W) -> (B, output_nc, H, W)`` in [-1, 1]; H and W
     multiples of 4.
@@ -256,11 +266,12 @@ class ResnetGenerator(nn.Module):
         n_blocks: int = 6,
         padding_type: str = "reflect",
         residual: bool = False,
+        residual_centre: bool = False,
     ) -> None:
         if n_blocks < 0:
             raise ValueError(f"ResnetGenerator needs n_blocks >= 0, got {n_blocks}")
         super().__init__()
-        self.residual = residual
+        self.residual, self.residual_centre = residual, residual_centre
         use_bias = uses_bias(norm_layer)
         model: list[nn.Module] = [
             nn.ReflectionPad2d(3),
@@ -296,7 +307,7 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         output = self.model(input)
-        return add_input(input, output) if self.residual else output
+        return add_input(input, output, self.residual_centre) if self.residual else output
 
 
 GeneratorFactory = Callable[..., nn.Module]

@@ -322,6 +322,7 @@ def define_G(
     gpu_ids: Sequence[int] = (),
     residual: bool = False,
     device: torch.device | None = None,
+    residual_centre: bool = False,
 ) -> nn.Module:
     """Build, place and initialise the generator ``netG`` (a key of ``GENERATORS``).
 
@@ -337,6 +338,8 @@ def define_G(
             snippet); this project's code passes ``device``.
         residual: the network predicts a change to its input (``--residual``); same weights
             and keys, different forward.
+        residual_centre: with ``residual``, every output channel adds the centre input channel
+            (one output channel per breathing phase), even when the channel counts agree.
         device: where the network goes (util/device.py's ``select_device``); give it or
             ``gpu_ids``, not both. Default: the CPU.
 
@@ -350,7 +353,8 @@ def define_G(
     """
     factory = lookup(GENERATORS, netG, "generator (--netG)")
     norm_layer = get_norm_layer(norm)
-    net = factory(input_nc, output_nc, ngf=ngf, norm_layer=norm_layer, use_dropout=use_dropout, residual=residual)
+    net = factory(input_nc, output_nc, ngf=ngf, norm_layer=norm_layer, use_dropout=use_dropout, residual=residual,
+                  residual_centre=residual_centre)
     net = init_net(to_sync_batchnorm(net, norm), init_type, init_gain, gpu_ids, device=device)
     if residual:
         # A randomly initialised output layer adds ~200 HU of noise to every voxel; zeroed,

@@ -29,6 +29,7 @@ from torch import nn
 from models import MODELS
 from models.base_model import BaseModel
 from models.networks import GAN_MODES, BodyL1Loss, GANLoss, cal_gradient_penalty, define_D, define_G
+from util.run_folder import phase_outputs
 
 
 def set_requires_grad(nets: list[nn.Module], requires_grad: bool) -> None:
@@ -64,7 +65,7 @@ class Pix2PixModel(BaseModel):
         self.netG = define_G(
             input_nc=opt.input_nc, output_nc=opt.output_nc, ngf=opt.ngf, netG=opt.netG, norm=opt.norm,
             use_dropout=not opt.no_dropout, init_type=opt.init_type, init_gain=opt.init_gain,
-            residual=opt.residual, device=device,
+            residual=opt.residual, device=device, residual_centre=phase_outputs(vars(opt)),
         ).to(memory_format=layout)
         if not self.is_train:
             return

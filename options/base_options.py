@@ -19,6 +19,7 @@ import torch
 
 import data
 import models
+from data.phases import PHASE_CONDITIONINGS, conditioning_channels, count_phases, parse_phases
 from models.networks import DISCRIMINATORS, GENERATORS, INIT_TYPES, NORM_HELP, NORM_LAYERS, required_divisor
 from options.cli import OneLineErrorParser
 from util.device import add_gpu_ids_argument
@@ -79,6 +80,14 @@ class BaseOptions:
         g.add_argument("--residual", action="store_true",
                        help="the generator predicts the change to its input slice (output = input + G(input)); "
                        "starts from the identity and learns far faster when input and target differ only where things move")
+        g.add_argument("--phases", default="0",
+                       help="which phases of the breathing cycle to make: 0 (phase 0 alone), all, or a list such as 0,5; "
+                       "several phases train one generator, told the phase by --phase_conditioning")
+        g.add_argument("--phase_conditioning", default="output", choices=sorted(PHASE_CONDITIONINGS),
+                       help="with several --phases: " + "; ".join(f"{k}: {v}" for k, v in PHASE_CONDITIONINGS.items()))
+        g.add_argument("--num_phases", type=int, default=None,
+                       help="phases in the targets' breathing cycle; read from <dataroot>/<phase>B/ for --phases other than 0, "
+                       "saved with the run (leave it out)")
 
         g = parser.add_argument_group("data")
         g.add_argument("--dataset_mode", default="robust_nifti", choices=data.DATASET_MODES, help="data/<mode>_dataset.py")
@@ -122,6 +131,8 @@ class BaseOptions:
         context = getattr(known, "context_slices", 0)
         if context > 0 and not _given(argv, "--input_nc"):
             parser.set_defaults(input_nc=1 + 2 * context)
+        if known.num_phases is None:  # a saved run's count, else (training) the data's
+            parser.set_defaults(num_phases=self.data_phase_count(known))
         parser.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS,
                             help="show this help message, with the defaults of this command line's --model, "
                             "--dataset_mode (and saved run), and exit")
@@ -143,11 +154,38 @@ class BaseOptions:
             # 2K neighbours to it, so those commands run as written on a --preset phase0 run.
             opt.input_nc = 1 + 2 * opt.context_slices
         try:
+            self.resolve_phases(opt)
             self.validate(opt, argv)
         except OptionsError as err:
             parser.exit(2, f"{parser.prog}: error: {err}\n")
         self.parser = parser
         return opt
+
+    def resolve_phases(self, opt: argparse.Namespace) -> None:
+        """``--phases`` against the targets' phase count: sets ``num_phases``, ``phase_list``
+        and the channels the phases add (data/phases.py's ``conditioning_channels``): one
+        phase-code input channel, or one output channel per phase. ``--input_nc`` given as the
+        CT channels (1 or 1+2K) and ``--output_nc 1`` are read as before phases existed.
+        """
+        try:
+            phase_list = parse_phases(opt.phases, opt.num_phases)
+        except ValueError as err:
+            raise OptionsError(str(err)) from None
+        opt.phase_list = list(phase_list)
+        code_nc, output_nc = conditioning_channels(len(phase_list), opt.phase_conditioning)
+        ct_channels = 1 + 2 * getattr(opt, "context_slices", 0)
+        if code_nc and opt.input_nc == ct_channels:
+            opt.input_nc = ct_channels + code_nc
+        if output_nc > 1 and opt.output_nc == 1:
+            opt.output_nc = output_nc
+
+    def data_phase_count(self, known: argparse.Namespace) -> int:
+        """N of the training targets, for ``--num_phases``'s default: read (headers only) when
+        ``--phases`` asks for more than phase 0, which every layout holds; else 1."""
+        if not (self.is_train and known.dataroot and str(known.phases).strip() != "0"):
+            return 1
+        folder = Path(known.dataroot)
+        return count_phases(folder / f"{known.phase}A", folder / f"{known.phase}B")
 
     def validate(self, opt: argparse.Namespace, argv: list[str]) -> None:
         """Refuse values that cannot work, before any data is read."""
@@ -168,12 +206,34 @@ class BaseOptions:
                 )
         if getattr(opt, "context_slices", 0) < 0:
             raise OptionsError(f"--context_slices must be 0 or more, got {opt.context_slices}")
-        if getattr(opt, "context_slices", 0) and opt.input_nc != 1 + 2 * opt.context_slices:
+        code_nc, phase_outputs = conditioning_channels(len(opt.phase_list), opt.phase_conditioning)
+        if getattr(opt, "context_slices", 0) and opt.input_nc != 1 + 2 * opt.context_slices + code_nc:
             raise OptionsError(
                 f"--input_nc {opt.input_nc} does not match --context_slices {opt.context_slices}: "
                 f"the input has 1+2K = {1 + 2 * opt.context_slices} channels (give 1 or 1+2K, or leave --input_nc out)"
+                + (" plus the phase code" if code_nc else "")
             )
-        if opt.residual and opt.output_nc not in (1, opt.input_nc):
+        if code_nc and opt.input_nc != 1 + 2 * getattr(opt, "context_slices", 0) + code_nc:
+            raise OptionsError(f"--input_nc {opt.input_nc}: with --phase_conditioning input the input is the CT slice(s) "
+                               "plus one phase-code channel; leave --input_nc out")
+        if phase_outputs > 1 and opt.output_nc != phase_outputs:
+            raise OptionsError(f"--output_nc {opt.output_nc}: --phases {opt.phases} with --phase_conditioning output makes "
+                               f"one output channel per phase, {phase_outputs}; leave --output_nc out")
+        if code_nc and opt.netG.startswith("resnet") and opt.norm in ("instance", "sync_instance"):
+            # The code is a constant channel: the first convolution turns it into a constant per
+            # feature map, which the instance norm right after it subtracts. The network would be
+            # blind to the phase (tests/test_whole_cycle_training.py measures it).
+            raise OptionsError(
+                f"--phase_conditioning input with --netG {opt.netG} --norm {opt.norm}: instance normalisation after the "
+                "first convolution removes the constant phase-code channel, so every phase would get the same output; "
+                "use --phase_conditioning output (or a unet_* generator, or --norm batch)"
+            )
+        if len(opt.phase_list) > 1 and opt.direction == "BtoA":
+            raise OptionsError(f"--phases {opt.phases}: several phases are targets of one input, AtoB; not --direction BtoA")
+        if len(opt.phase_list) > 1 and self.is_train and (opt.model != "pix2pix" or opt.dataset_mode != "robust_nifti"):
+            raise OptionsError(f"--phases {opt.phases}: several phases train with --model pix2pix and --dataset_mode "
+                               f"robust_nifti, not --model {opt.model} --dataset_mode {opt.dataset_mode}")
+        if opt.residual and phase_outputs == 1 and opt.output_nc not in (1, opt.input_nc):
             raise OptionsError(f"--residual adds the input slice to the output: --output_nc must be 1 or --input_nc, got {opt.output_nc}")
         if hasattr(opt, "hu_min") and opt.hu_max <= opt.hu_min:
             raise OptionsError(f"--hu_max {opt.hu_max} must be above --hu_min {opt.hu_min}")
@@ -184,6 +244,9 @@ class BaseOptions:
                 raise OptionsError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
         if opt.num_threads < 0:
             raise OptionsError(f"--num_threads must be 0 or more, got {opt.num_threads}")
+        problem = models.find_model_using_name(opt.model).option_problems(opt)
+        if problem:
+            raise OptionsError(problem)
 
     # -- reporting -------------------------------------------------------------------------
     def format_options(self, opt: argparse.Namespace) -> str:

@@ -95,6 +95,13 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--epoch", default="latest", help="which checkpoint: latest, or an epoch number (<epoch>_net_G.pth)")
     g.add_argument("--checkpoints_dir", default="./checkpoints", help="folder that holds the run folders")
+    g.add_argument(
+        "--direction",
+        default=None,
+        choices=("AtoB", "BtoA"),
+        help="which way to translate: a cycle_gan run's G_A (AtoB) or G_B (BtoA); a pix2pix run has one "
+        "generator, for the direction it was trained in (the default: the run's --direction)",
+    )
 
 
 def add_output_dtype_argument(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -109,7 +116,7 @@ def add_output_dtype_argument(group: argparse.ArgumentParser | argparse._Argumen
 
 def add_translation_arguments(parser: argparse.ArgumentParser) -> None:
     """``--output_dtype``, ``--frame``, ``--batch_size``, ``--no_slices``, ``--precision``, ``--verbose``:
-    how volumes are translated and written."""
+    how volumes are translated and written; then :func:`add_phase_output_arguments`."""
     g = parser.add_argument_group("volumes")
     add_output_dtype_argument(g)
     g.add_argument(
@@ -132,6 +139,24 @@ def add_translation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--verbose", action="store_true", help="print the time of each stage: load model, read, network, write"
     )
+    add_phase_output_arguments(parser)
+
+
+def add_phase_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--split_phases``, ``--mip``, ``--average``: what is written of a model trained on several
+    phases (``train.py --phases all``); see inference/volume.py's ``PhaseOutputs``."""
+    g = parser.add_argument_group(
+        "the whole breathing cycle (a model trained with --phases all or a list)",
+        "such a model writes its phases as one 4D <name>_phases.nii.gz, frame k = the k-th phase it was trained "
+        "on; a model of one phase K writes <name>_phase<K>.nii.gz",
+    )
+    g.add_argument("--split_phases", action="store_true",
+                   help="write one 3D file per phase, <name>_phase<K>.nii.gz, instead of one 4D file")
+    g.add_argument("--mip", action="store_true",
+                   help="also write <name>_mip.nii.gz, the maximum-intensity projection over the generated phases")
+    g.add_argument("--average", action="store_true",
+                   help="also write <name>_average.nii.gz, the mean of the generated phases, and report its MAE "
+                   "against the input in the body (a good model's average of phases equals its input)")
 
 
 def _positive_int(text: str) -> int:

@@ -13,7 +13,14 @@ from options.base_options import BaseOptions, OptionsError, load_saved_options
 from options.presets import PRESETS
 from util.fast_path import MEMORY_FORMATS, PRECISIONS, SPEED_OPTIONS
 from util.image import add_display_window_argument
-from util.run_folder import CheckpointError, RunLock, checkpoint_label, holds_checkpoints, open_checkpoint
+from util.run_folder import (
+    CheckpointError,
+    RunLock,
+    checkpoint_label,
+    generator_file,
+    holds_checkpoints,
+    open_checkpoint,
+)
 
 # Flags a resumed run never takes from the saved run: they say where and what to resume,
 # and the device and the speed flags (util/fast_path.py) are properties of the machine that resumes.
@@ -132,8 +139,8 @@ class TrainOptions(BaseOptions):
         run_folder = Path(opt.checkpoints_dir) / opt.name
         if opt.continue_train:
             label = checkpoint_label(opt.epoch, opt.load_iter)
-            if not (run_folder / f"{label}_net_G.pth").is_file():
-                raise OptionsError(f"--continue_train: {run_folder / f'{label}_net_G.pth'} not found; nothing to resume")
+            if not generator_file(run_folder, label).is_file():
+                raise OptionsError(f"--continue_train: {generator_file(run_folder, label)} not found; nothing to resume")
             if opt.overwrite:
                 raise OptionsError("--continue_train and --overwrite contradict each other: resume, or start afresh")
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 holds the lock for all

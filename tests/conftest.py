@@ -78,3 +78,27 @@ def tiny_run(tmp_path_factory, phantom_root) -> Path:
     """``<checkpoints>/tiny/`` with train_opt.json and latest_net_G.pth (unet_128, ngf 4, HU window)."""
     checkpoints = tmp_path_factory.mktemp("checkpoints")
     return make_run_folder(checkpoints, "tiny", phantom_root, ["--intensity", "hu"])
+
+
+@pytest.fixture(scope="session")
+def cycle_root(tmp_path_factory) -> Path:
+    """A tiny phantom with the whole breathing cycle in side B: 4 phases as one 4D file per patient
+    (``make_phantom.py --write_all_phases``); trainA/B and testA/B with 2 patients each."""
+    root = tmp_path_factory.mktemp("cycle")
+    write_dataset(root, num_train=2, num_test=2, shape=TINY_SHAPE, spacing_mm=TINY_SPACING_MM, num_phases=4, seed=1,
+                  phase_layout="4d")
+    return root
+
+
+@pytest.fixture(scope="session")
+def multi_phase_run(tmp_path_factory, cycle_root) -> Path:
+    """``<checkpoints>/cycle/``: ``train.py --phases all`` for one short epoch on :func:`cycle_root`
+    (unet_128, ngf 4, 8 slices), a real model of all 4 phases."""
+    checkpoints = tmp_path_factory.mktemp("cycle_checkpoints")
+    result = run_script(
+        "train.py", *TINY_TRAIN_FLAGS, "--dataroot", cycle_root, "--name", "cycle", "--checkpoints_dir", checkpoints,
+        "--phases", "all", "--n_epochs", "1", "--n_epochs_decay", "0", "--max_dataset_size", "8", "--val_freq", "0",
+        cwd=checkpoints, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return checkpoints / "cycle"

@@ -49,10 +49,11 @@ def help_entries(text: str) -> dict[str, tuple[str, str | None]]:
 def assert_help_matches_run(entries: dict, opt, argv: list[str]) -> None:
     """The help lists exactly the run's flags, and each flag not on the command line shows the
     run's value as its default."""
-    assert {f"--{key}" for key in vars(opt) if key != "isTrain"} == set(entries) - {"--help"}
+    derived = ("isTrain", "phase_list")  # set by parsing, not flags: the mode, and --phases resolved
+    assert {f"--{key}" for key in vars(opt) if key not in derived} == set(entries) - {"--help"}
     given = {arg for arg in argv if arg.startswith("--")}
     for key, value in vars(opt).items():
-        if key != "isTrain" and f"--{key}" not in given:
+        if key not in derived and f"--{key}" not in given:
             assert entries[f"--{key}"][1] == str(value), key
 
 

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import models
 from models import create_model
 from models.base_model import NonFiniteError
 from models.networks import GAN_MODES, BodyL1Loss, body_region
@@ -26,7 +25,8 @@ def tiny_batch(batch_size: int, input_nc: int, size: int = 128) -> dict:
     }
 
 
-@pytest.mark.parametrize("model_name", models.MODEL_NAMES)
+# pix2pix's losses with every GAN loss; tests/test_registries.py takes a step with every registered model.
+@pytest.mark.parametrize("model_name", ["pix2pix"])
 @pytest.mark.parametrize("gan_mode", GAN_MODES)
 def test_one_step_changes_both_networks_and_reports_finite_losses(phantom_root, tmp_path, model_name, gan_mode):
     opt = TrainOptions().parse(

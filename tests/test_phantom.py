@@ -303,3 +303,38 @@ def test_overwrite_replaces_stale_patients_and_a_patient_depends_on_its_place_in
     # The second patient of the set, now the first test patient, is the same anatomy.
     test_patient_1, _ = read_volume(tmp_path / "testB" / "patient_1.nii.gz")
     np.testing.assert_array_equal(test_patient_1, first_patient_2)
+
+
+def test_all_phases_share_phase0_with_the_single_phase_phantom_and_average_to_side_a():
+    from datasets.make_phantom import make_patient_phases
+
+    grid = ((32, 32, 10), (11.0, 11.0, 20.0), 4)
+    average, phase0 = make_patient(np.random.default_rng(5), *grid)
+    average_all, phases = make_patient_phases(np.random.default_rng(5), *grid)
+    assert phases.shape == (32, 32, 10, 4)
+    np.testing.assert_array_equal(phases[..., 0], phase0)  # same patient, same phase 0, noise included
+    # Side A is the mean of the written phases, up to their rounding to whole HU.
+    assert np.abs(average_all - phases.mean(axis=-1)).max() <= 0.5 + 1e-4
+    assert np.abs(average_all - average).mean() < 10.0  # another noise draw of the same average
+    lung = lung_voxels(phases[..., 0])
+    assert (phases[..., 0] != phases[..., 2]).any() and lung.sum() > (lung_voxels(phases[..., 2])).sum()
+
+
+@pytest.mark.parametrize("layout", ["4d", "files"])
+def test_write_all_phases_in_either_layout_reads_back_as_one_phase_set(tmp_path, layout):
+    from data.phases import find_phase_sets, read_phase
+
+    grid = {"shape": (32, 32, 8), "spacing_mm": (11.0, 11.0, 24.0), "num_phases": 3, "seed": 3}
+    pairs = write_dataset(tmp_path, num_train=2, num_test=1, phase_layout=layout, **grid)
+    names = sorted(p.name for p in (tmp_path / "trainB").iterdir())
+    if layout == "4d":
+        assert names == ["patient_1.nii.gz", "patient_2.nii.gz"]
+    else:
+        assert names == [f"patient_{i}_phase{k}.nii.gz" for i in (1, 2) for k in range(3)]
+    sets, num_phases = find_phase_sets(tmp_path / "trainB", ["patient_1", "patient_2"])
+    assert num_phases == 3
+    average, meta = read_volume(tmp_path / "trainA" / "patient_1.nii.gz")
+    phases = np.stack([read_phase(s)[0] for s in sets["patient_1"].sources], axis=-1)
+    assert phases.shape == (*average.shape, 3) and read_phase(sets["patient_1"].sources[2])[1].canonical_shape == meta.canonical_shape
+    assert np.abs(average - phases.mean(axis=-1)).max() <= 0.5 + 1e-4
+    np.testing.assert_array_equal(read_phase(sets["patient_1"].sources[0])[0], read_volume(pairs[0].phase0_path, frame=0 if layout == "4d" else None)[0])

@@ -131,3 +131,41 @@ def test_the_recommended_command_is_the_references_with_the_preset(phantom_root)
     assert (opt.residual, opt.intensity, opt.context_slices, opt.input_nc, opt.gan_mode, opt.l1_region) == (
         True, "hu", 1, 3, "lsgan", "body")
     assert (opt.netG, opt.resize_to, opt.lr, opt.lambda_L1) == ("unet_512", 512, 0.0002, 1000.0)
+
+
+@pytest.mark.slow
+def test_the_whole_cycle_commands_run_as_written(tmp_path, cycle_root, monkeypatch):
+    """The section's commands in order, from the repository root's point of view: the phantom command
+    is the fixture's layout (all phases, 4D files; made smaller), training is its options saved with
+    untrained weights, and test.py, use_model.py and batch_process_patients.py run as written."""
+    commands = []
+    for block in readme_blocks("## The whole breathing cycle", "bash"):
+        commands += [shlex.split(line)[1:] for line in block.replace("\\\n", " ").splitlines() if line.startswith("python ")]
+    phantom, train, *after = commands
+    assert [phantom[0], train[0], *(command[0] for command in after)] == [
+        "datasets/make_phantom.py", "train.py", "test.py", "use_model.py", "batch_process_patients.py"]
+    assert "--write_all_phases" in phantom
+    dataroot = phantom[phantom.index("--output_dir") + 1]
+    (tmp_path / dataroot).parent.mkdir(parents=True)
+    (tmp_path / dataroot).symlink_to(cycle_root)
+
+    monkeypatch.chdir(tmp_path)
+    options = TrainOptions()
+    opt = options.parse([*train[1:], "--gpu_ids", "-1"])
+    assert (opt.dataroot, opt.phase_list, opt.num_phases) == (dataroot, [0, 1, 2, 3], 4)
+    run_folder = Path(opt.checkpoints_dir) / opt.name
+    options.save(opt, run_folder, "train")
+    torch.manual_seed(0)
+    net = define_G(opt.input_nc, opt.output_nc, opt.ngf, opt.netG, opt.norm, not opt.no_dropout)
+    torch.save(net.state_dict(), run_folder / "latest_net_G.pth")
+
+    for script, *args in after:
+        result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+    metrics = json.loads((tmp_path / "results" / opt.name / "test_latest" / "metrics.json").read_text())
+    assert [row["phase"] for row in metrics["phase_rows"][:5]] == [0, 1, 2, 3, "mip"]
+    for output in ("results/patient_1_phases.nii.gz", "results/patient_1_mip.nii.gz",
+                   "results/patient_1_average.nii.gz", "processed_cycle/patient_2_phase3.nii.gz",
+                   "processed_cycle/summary.csv"):
+        assert (tmp_path / output).is_file(), output

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.base_dataset import DatasetError
 from data.slice_cache import SliceSettings
 from evaluation.validation import describe_validation, find_validation_cases, validate
-from inference.volume import PhaseGenerator
+from inference.volume import PhaseGenerator, generator_phases
 from util.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class Validator:
         settings, context_slices: how the model was trained to see slices.
         runtime: the device the generator runs on.
         lpips_scorer: an LPIPS scorer, or None.
+        phases: the generator's ``phases``, ``num_phases`` and ``conditioning`` (``--phases``).
     """
 
     every: int
@@ -43,6 +44,7 @@ class Validator:
     context_slices: int
     runtime: Runtime
     lpips_scorer: object | None = None
+    phases: dict = field(default_factory=dict)
 
     @classmethod
     def from_options(cls, opt: argparse.Namespace, runtime: Runtime) -> Validator | None:
@@ -50,7 +52,7 @@ class Validator:
         if opt.val_freq == 0:
             return None
         try:
-            phase, cases = find_validation_cases(Path(opt.dataroot), opt.num_val)
+            phase, cases = find_validation_cases(Path(opt.dataroot), opt.num_val, tuple(opt.phase_list))
         except DatasetError as err:
             if opt.val_freq > 0:  # asked for: a split that cannot be used stops the run
                 raise
@@ -67,7 +69,8 @@ class Validator:
 
             scorer = LpipsScorer.from_torchvision_cache(runtime.device)
         logger.info("validation every %d epoch(s) on %d patient(s) of %sA/ + %sB/", every, len(cases), phase, phase)
-        return cls(every, phase, cases, SliceSettings.from_options(opt), opt.context_slices, runtime, scorer)
+        return cls(every, phase, cases, SliceSettings.from_options(opt), opt.context_slices, runtime, scorer,
+                   generator_phases(vars(opt)))
 
     def due(self, epoch: int) -> bool:
         return self.every > 0 and epoch % self.every == 0
@@ -75,7 +78,7 @@ class Validator:
     def run(self, model, epoch: int) -> dict[str, float]:
         """Score ``model.netG`` now; logs one line and returns the mean metrics (``mae_hu``, ``baseline_mae_hu``, ...)."""
         generator = PhaseGenerator(net=model.netG, settings=self.settings, context_slices=self.context_slices,
-                                   device=self.runtime.device, netG=getattr(model.opt, "netG", ""))
+                                   device=self.runtime.device, netG=getattr(model.opt, "netG", ""), **self.phases)
         metrics = validate(generator, self.cases, self.lpips_scorer)
         logger.info("epoch %d %s", epoch, describe_validation(metrics))
         return metrics

@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw
 from data.intensity import HUWindow, network_to_pixels
 from data.slicing import slice_for_display
 from evaluation.metrics import BASELINE_PREFIX, METRIC_LABELS
+from models import find_model_using_name
 from util.atomic import atomic_path
 from util.html import HTML, ImageCell
 from util.image import (
@@ -264,6 +265,9 @@ class Visualizer:
     def __init__(self, opt: argparse.Namespace):
         self.opt = opt
         self.slice_axis = "axial" if getattr(opt, "axial_slice", False) else getattr(opt, "slice_axis", "axial")
+        # A model whose A and B are not paired (cycle_gan) names its own differences: B - A would mean nothing.
+        model = find_model_using_name(getattr(opt, "model", "pix2pix"))
+        self.difference_pairs = getattr(model, "difference_pairs", DIFFERENCE_PAIRS)
         # The network's [-1, 1] is hu_min..hu_max HU only with --intensity hu.
         self.hu_window = HUWindow(opt.hu_min, opt.hu_max) if getattr(opt, "intensity", "volume") == "hu" else None
         self.windows = (
@@ -310,7 +314,7 @@ class Visualizer:
             shown = {label: self.windows[0](image) for label, image in hu.items()}
             for window in self.windows:
                 pictures.update({image_name(epoch, label, window.key): window(image) for label, image in hu.items()})
-            for picture, target in DIFFERENCE_PAIRS:
+            for picture, target in self.difference_pairs:
                 if picture in hu and target in hu:
                     differences[image_name(epoch, difference_label(picture, target))] = difference_to_rgb(
                         hu[picture] - hu[target]
@@ -423,7 +427,7 @@ class Visualizer:
                 for window in windows
             ]
             pairs = [
-                (picture, target) for picture, target in DIFFERENCE_PAIRS if picture in labels and target in labels
+                (picture, target) for picture, target in self.difference_pairs if picture in labels and target in labels
             ]
             if pairs:
                 cells = [

@@ -3,7 +3,7 @@
 What a run folder holds::
 
     train_opt.json            every option of the run, for code (format below); train_opt.txt for people
-    <label>_net_<N>.pth       network N (G, D) of checkpoint <label>: a plain state dict of CPU tensors,
+    <label>_net_<N>.pth       network N (G, D; CycleGAN: G_A, G_B, D_A, D_B) of checkpoint <label>: a plain state dict,
                               named and keyed as upstream pix2pix names them
     <label>_train_state.pth   schedules, random-generator states and (for latest and best, or every
                               label with --save_optimizer_every_epoch) optimisers
@@ -59,9 +59,27 @@ GENERATOR_OPTIONS = (
     "input_nc", "output_nc", "ngf", "netG", "norm", "no_dropout", "residual", "init_type", "init_gain",
     "axial_slice", "slice_axis", "resize_to", "intensity", "hu_min", "hu_max", "context_slices",
 )
+# The breathing phases a generator makes (data/phases.py), beside GENERATOR_OPTIONS; a run
+# saved before they existed lacks them and loads with these values: phase 0 alone.
+PHASE_OPTION_DEFAULTS = {"phases": "0", "phase_conditioning": "output", "num_phases": 1, "phase_list": [0]}
 # Options that define the model as a whole: a run folder's train_opt.json supplies them as
 # defaults at test time and on resume; an explicit flag still wins.
-MODEL_DEFINING_OPTIONS = (*GENERATOR_OPTIONS, "model", "netD", "ndf", "n_layers_D", "gan_mode", "direction")
+MODEL_DEFINING_OPTIONS = (
+    *GENERATOR_OPTIONS, "model", "netD", "ndf", "n_layers_D", "gan_mode", "direction",
+    "phases", "phase_conditioning", "num_phases",
+)
+
+
+def phase_options(options: dict) -> dict:
+    """The phase options of a run's saved ``options`` (:data:`PHASE_OPTION_DEFAULTS` for what it lacks)."""
+    return {key: options.get(key, default) for key, default in PHASE_OPTION_DEFAULTS.items()}
+
+
+def phase_outputs(options: dict) -> bool:
+    """Whether the generator has one output channel per phase (``--phase_conditioning output``
+    with several phases): then ``--residual`` adds the input slice to every output channel."""
+    values = phase_options(options)
+    return values["phase_conditioning"] == "output" and len(values["phase_list"]) > 1
 
 
 class CheckpointError(UserError, FileNotFoundError):
@@ -80,6 +98,17 @@ def checkpoint_label(epoch: str | int, load_iter: int = 0) -> str:
 def network_file(label: str | int, net_name: str) -> str:
     """``latest``, ``G`` -> ``latest_net_G.pth`` (upstream's name)."""
     return f"{label}_net_{net_name}.pth"
+
+
+# The networks whose file marks a checkpoint set of a run: pix2pix's G, or CycleGAN's G_A.
+GENERATOR_NETWORKS = ("G", "G_A")
+
+
+def generator_file(folder: Path, label: str | int) -> Path:
+    """The file that marks checkpoint ``label`` in ``folder``: ``<label>_net_G.pth`` (pix2pix) or
+    ``<label>_net_G_A.pth`` (CycleGAN), whichever exists; the first if neither does."""
+    candidates = [Path(folder) / network_file(label, name) for name in GENERATOR_NETWORKS]
+    return next((path for path in candidates if path.is_file()), candidates[0])
 
 
 def train_state_file(label: str | int) -> str:
@@ -252,7 +281,8 @@ def open_checkpoint(folder: Path, label: str | int, verify: bool = True) -> Chec
 
 def list_labels(folder: Path) -> list[str]:
     """The labels of the generators in ``folder``, e.g. ``["5", "10", "best", "latest"]``."""
-    labels = [p.name.removesuffix("_net_G.pth") for p in Path(folder).glob("*_net_G.pth") if not p.name.startswith(".")]
+    labels = {p.name.removesuffix(f"_net_{net}.pth") for net in GENERATOR_NETWORKS
+              for p in Path(folder).glob(f"*_net_{net}.pth") if not p.name.startswith(".")}
     return sorted(labels, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
 
 
@@ -408,7 +438,7 @@ def _mismatch(folder: Path, manifest: dict) -> Path | None:
 
 
 def _unverified_checkpoint(folder: Path, label: str) -> Checkpoint:
-    generator = folder / network_file(label, "G")
+    generator = generator_file(folder, label)
     if not generator.is_file():
         raise CheckpointError(
             f"{generator}: checkpoint not found (this run has: {', '.join(list_labels(folder)) or 'none'}; "
