@@ -24,6 +24,7 @@ from inference.export import (
     export_generator,
     max_differences,
     metadata_path,
+    network_label,
 )
 from inference.volume import load_generator
 from options.cli import add_checkpoint_arguments, new_parser, run_cli
@@ -58,7 +59,7 @@ def main(opt: argparse.Namespace) -> int:
     for fmt, path in exported.items():
         verdict = "ok" if differences[fmt] <= opt.tolerance else f"above --tolerance {opt.tolerance:g}"
         print(f"{fmt}: {path}  max |difference| vs PyTorch = {differences[fmt]:.3g}  {verdict}")
-    print(f"preprocessing (also inside each file): {metadata_path(opt.output_dir, opt.model_name, opt.epoch)}")
+    print(f"preprocessing (also inside each file): {metadata_path(opt.output_dir, opt.model_name, opt.epoch, network_label(generator))}")
     failed = [path for fmt, path in exported.items() if differences[fmt] > opt.tolerance]
     for path in failed:
         print(

@@ -125,7 +125,9 @@ def score(args: argparse.Namespace, run_name: str, patients: list) -> dict:
 
 
 def mean_over(rows: list[dict], key: str, phase: int | None = None) -> float:
-    values = [row[key][phase] if phase is not None else row[key] for row in rows if key in row]
+    """Mean of ``row[key]`` (of ``row[key][phase]``) over the rows that hold it; NaN if none does."""
+    values = [row[key] if phase is None else row[key][phase] for row in rows
+              if key in row and (phase is None or phase in row[key])]
     return float(np.mean(values)) if values else math.nan
 
 
@@ -138,7 +140,7 @@ def farthest_phase(patients: list) -> int:
 
 def tables(results: dict, num_phases: int, farthest: int) -> str:
     names = list(results)
-    first = results[names[0]]["patients"]
+    first = max(results.values(), key=lambda result: len(result["phases"]))["patients"]  # the input's baselines
     head = "| phase | input average | " + " | ".join(names) + " |"
     rule = "|---" * (2 + len(names)) + "|"
     lines = ["Per-phase MAE (HU, in the body) on held-out patients; lower is better.", "", head, rule]

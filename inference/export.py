@@ -170,6 +170,13 @@ def preprocessing_metadata(generator: PhaseGenerator, name: str, epoch: str) -> 
         "hu_max": float(s.hu_max) if fixed else None,
         "context_slices": generator.context_slices,
         "residual": generator.residual,
+        # --phases: output channel j is phase phases[j] (output conditioning), or one pass per
+        # phase with its code in input channel 0 (input conditioning); (0,) for a phase-0 model.
+        "phases": list(generator.phases),
+        "num_phases": generator.num_phases,
+        "phase_conditioning": generator.conditioning if len(generator.phases) > 1 else None,
+        "phase_code": ("input channel 0 = 2 * K / num_phases - 1 for phase K; the CT channels follow"
+                       if generator.code_channels else None),
         "steps": [
             "read the volume in HU and reorient it to the closest canonical RAS+ axes (nibabel.as_closest_canonical)",
             f"cut it into slices along canonical array axis {SLICE_AXES[s.slice_axis]} ({s.slice_axis}): (N, H, W)",
@@ -179,18 +186,28 @@ def preprocessing_metadata(generator: PhaseGenerator, name: str, epoch: str) -> 
             "when either side shrinks (torch.nn.functional.interpolate); a slice already that size is kept",
             "network value = pixels / 127.5 - 1",
             f"input of slice k: channels k-{generator.context_slices}..k+{generator.context_slices} in order "
-            "(channel context_slices is slice k), indices clipped to 0..N-1",
+            "(channel context_slices is slice k), indices clipped to 0..N-1"
+            + (", after the phase code (phase_code)" if generator.code_channels else ""),
             "the network's residual (output = clamp(input slice + G(input), -1, 1)) is inside the exported file"
             if generator.residual else "the network is not residual: it outputs the slice itself",
-            "output channel output_channel, resized back to H x W as above, pixels = clip((value + 1) * 127.5, 0, 255), "
+            ("output channel j is phase phases[j]; each" if generator.output_nc > 1 and len(generator.phases) > 1
+             else "output channel output_channel")
+            + ", resized back to H x W as above, pixels = clip((value + 1) * 127.5, 0, 255), "
             "HU = pixels * (hi - lo) / 255 + lo with the input's window; slices back along the slice axis",
         ],
     }
 
 
-def metadata_path(output_dir: str | Path, name: str, epoch: str) -> Path:
-    """``<output_dir>/<name>_<epoch>_G.json``: the preprocessing JSON beside the exports."""
-    return Path(output_dir) / f"{name}_{epoch}_G.json"
+def network_label(generator: PhaseGenerator) -> str:
+    """Which network of the run was loaded, as its weights file names it: ``G`` for pix2pix,
+    ``G_A``/``G_B`` for CycleGAN, so that the exports of both directions do not overwrite each other."""
+    stem = generator.weights.name.removesuffix(".pth") if generator.weights else ""
+    return stem.split("_net_", 1)[1] if "_net_" in stem else "G"
+
+
+def metadata_path(output_dir: str | Path, name: str, epoch: str, net: str = "G") -> Path:
+    """``<output_dir>/<name>_<epoch>_<net>.json``: the preprocessing JSON beside the exports."""
+    return Path(output_dir) / f"{name}_{epoch}_{net}.json"
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -200,9 +217,9 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(EXPORTERS[fmt].read_metadata(path))
 
 
-def export_path(output_dir: str | Path, name: str, epoch: str, fmt: str) -> Path:
-    """``<output_dir>/<name>_<epoch>_G<suffix>``, e.g. ``exports/ct_latest_G.onnx``."""
-    return Path(output_dir) / f"{name}_{epoch}_G{EXPORTERS[fmt].suffix}"
+def export_path(output_dir: str | Path, name: str, epoch: str, fmt: str, net: str = "G") -> Path:
+    """``<output_dir>/<name>_<epoch>_<net><suffix>``, e.g. ``exports/ct_latest_G.onnx`` (``_G_A`` for CycleGAN's G_A)."""
+    return Path(output_dir) / f"{name}_{epoch}_{net}{EXPORTERS[fmt].suffix}"
 
 
 def example_input(generator: PhaseGenerator, batch_size: int, seed: int = 0) -> torch.Tensor:
@@ -233,11 +250,11 @@ def export_generator(
     metadata = json.dumps(preprocessing_metadata(generator, name, epoch), indent=2)
     written = {}
     for fmt in formats:
-        path = export_path(output_dir, name, epoch, fmt)
+        path = export_path(output_dir, name, epoch, fmt, network_label(generator))
         logger.info("exporting %s to %s", fmt, path)
         EXPORTERS[fmt].export(net, example, path, opset, metadata)
         written[fmt] = path
-    _save_atomically(metadata_path(output_dir, name, epoch), lambda temporary: Path(temporary).write_text(metadata + "\n"))
+    _save_atomically(metadata_path(output_dir, name, epoch, network_label(generator)), lambda temporary: Path(temporary).write_text(metadata + "\n"))
     return written
 
 

@@ -36,6 +36,15 @@ class TestModel(BaseModel):
         )
         return parser
 
+    @staticmethod
+    def option_problems(opt: argparse.Namespace) -> str | None:
+        # One volume out per volume in: a run of several phases writes 4D volumes through use_model.py.
+        if len(getattr(opt, "phase_list", [0])) > 1:
+            return (f"--model test writes one phase per input, and run {opt.name} makes phases "
+                    f"{','.join(map(str, opt.phase_list))}: use use_model.py or batch_process_patients.py "
+                    "(a 4D volume, or --split_phases)")
+        return None
+
     def __init__(self, opt: argparse.Namespace, device: torch.device):
         super().__init__(opt, device)
         suffix = opt.model_suffix or ""

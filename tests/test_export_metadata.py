@@ -157,3 +157,22 @@ def test_the_onnx_example_gives_use_models_volume(case, tmp_path, phantom_root):
     assert np.ptp(expected) > 100  # the network's output varies, so a wrong step would show
     assert difference <= EXAMPLE_TOLERANCE_HU
 
+
+
+def test_an_export_of_several_phases_says_which_output_channel_is_which_phase(tmp_path, multi_phase_run):
+    generator = load_generator(multi_phase_run.parent, multi_phase_run.name, device=torch.device("cpu"))
+    exported = export_generator(generator, tmp_path, "cycle", "latest", ["onnx"])
+    metadata = read_metadata(exported["onnx"])
+    assert metadata["phases"] == [0, 1, 2, 3] and metadata["num_phases"] == 4
+    assert metadata["output_nc"] == 4 and metadata["phase_conditioning"] == "output"
+    assert any("output channel j is phase phases[j]" in step for step in metadata["steps"])
+    assert json.loads(metadata_path(tmp_path, "cycle", "latest").read_text()) == metadata
+
+
+def test_a_cyclegan_export_is_named_after_its_generator(tmp_path, tiny_run):
+    generator = load_generator(tiny_run.parent, tiny_run.name, device=torch.device("cpu"))
+    generator.weights = generator.weights.with_name("latest_net_G_B.pth")  # as load_generator names G_B's
+    exported = export_generator(generator, tmp_path, "run", "latest", ["torchscript"])
+    assert exported["torchscript"].name == "run_latest_G_B.pt"
+    assert metadata_path(tmp_path, "run", "latest", "G_B").is_file()
+    assert read_metadata(exported["torchscript"])["phases"] == [0]

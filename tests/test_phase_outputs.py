@@ -247,3 +247,13 @@ def test_use_model_as_a_user_runs_it(tmp_path, cycle, multi_phase_run):
     assert result.returncode == 0, result.stderr
     stem = source.name.removesuffix(".nii.gz")
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "out" / f"{stem}_phase{max(cycle[0].phases)}.nii.gz")
+
+
+def test_the_test_model_refuses_a_run_of_several_phases_in_one_line(multi_phase_run, tmp_path):
+    result = run_script(
+        "test.py", "--dataroot", multi_phase_run.parent, "--name", multi_phase_run.name, "--model", "test",
+        "--checkpoints_dir", multi_phase_run.parent, "--results_dir", tmp_path, "--gpu_ids", "-1", cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "--model test writes one phase per input" in result.stderr and "use_model.py" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
