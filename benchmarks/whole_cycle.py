@@ -20,7 +20,7 @@ input average's MAE against the same phase (the identity baseline); the MIP over
 phases against the true MIP, beside the input's (the input is its own "MIP": one volume); and
 the phase-0 model on phase 0. It prints Markdown tables and writes every figure as JSON.
 
-    python benchmarks/whole_cycle.py --json whole_cycle.json      # ~30 min on a 2-core CPU
+    python benchmarks/whole_cycle.py --json whole_cycle.json      # ~2.5 min on 2 CPU cores (OMP_NUM_THREADS=1)
     python benchmarks/whole_cycle.py --smoke                      # CI: tiny phantom, one epoch each
 """
 
