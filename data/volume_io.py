@@ -192,17 +192,7 @@ def read_volume(path: str | os.PathLike, frame: int | None = None) -> tuple[np.n
             or of a data type that is not a real number.
     """
     path = Path(path)
-    _check_file(path)
-    try:
-        # nibabel raises many types on corrupt input (ImageFileError, EOFError, zlib.error,
-        # struct.error, ValueError, OSError, ...): at this boundary they all mean the same.
-        with _nibabel_messages_to_debug(path):
-            image = nib.load(path)
-    except Exception as err:
-        raise VolumeError(path, f"cannot be read as NIfTI ({_describe(err)})") from err
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise VolumeError(path, f"is a {type(image).__name__}, not a NIfTI-1/2 image")
-
+    image = _load_nifti(path)
     header = image.header
     shape = tuple(int(s) for s in image.shape)
     _check_dtype(path, header)
@@ -242,17 +232,28 @@ def frame_count(path: str | os.PathLike) -> int:
         VolumeError: the file is missing, not NIfTI, or neither 3D nor 4D.
     """
     path = Path(path)
+    shape = tuple(int(s) for s in _load_nifti(path).shape)
+    _, frame_index = _select_frame(path, shape, 0)
+    return 1 if frame_index is None else shape[3]
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """``nib.load(path)`` (header now, voxels on demand), refusing what is not a NIfTI-1/2 file.
+
+    Raises:
+        VolumeError: the file is missing, unreadable or not NIfTI.
+    """
     _check_file(path)
     try:
+        # nibabel raises many types on corrupt input (ImageFileError, EOFError, zlib.error,
+        # struct.error, ValueError, OSError, ...): at this boundary they all mean the same.
         with _nibabel_messages_to_debug(path):
             image = nib.load(path)
     except Exception as err:
         raise VolumeError(path, f"cannot be read as NIfTI ({_describe(err)})") from err
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise VolumeError(path, f"is a {type(image).__name__}, not a NIfTI-1/2 image")
-    shape = tuple(int(s) for s in image.shape)
-    _, frame_index = _select_frame(path, shape, 0)
-    return 1 if frame_index is None else shape[3]
+    return image
 
 
 def _decode(proxy: ArrayProxy, meta: VolumeMeta, frame_index: int | None) -> np.ndarray:

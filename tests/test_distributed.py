@@ -156,6 +156,21 @@ def test_every_kind_of_pix2pix_step_keeps_the_processes_equal(tmp_path, phantom_
             assert different == [], (name, net)
 
 
+def test_a_cyclegan_step_keeps_the_processes_equal(tmp_path, phantom_root):
+    """CycleGAN runs each generator two or three times before one backward pass, and pools its fakes."""
+    pix2pix_only = TINY_TRAIN_FLAGS.index("--lambda_L1")
+    tiny = TINY_TRAIN_FLAGS[:pix2pix_only] + TINY_TRAIN_FLAGS[pix2pix_only + 2:]
+    flags = [*tiny, "--dataroot", str(phantom_root), "--checkpoints_dir", str(tmp_path),
+             "--model", "cycle_gan", "--dataset_mode", "unaligned_nifti", "--lambda_identity", "0.5", "--pool_size", "2"]
+    mp.spawn(take_steps, args=(2, f"file://{tmp_path / 'rendezvous'}", {"cycle_gan": flags}, str(tmp_path), 3), nprocs=2)
+    rank0 = torch.load(tmp_path / "cycle_gan_rank0.pth", weights_only=True)
+    rank1 = torch.load(tmp_path / "cycle_gan_rank1.pth", weights_only=True)
+    assert rank0["replicas"] == ["D_A", "D_B", "G_A", "G_B"]
+    assert rank0["nonfinite"] == [0.0, 0.0, 0.0]
+    for net in ("G_A", "G_B", "D_A", "D_B"):
+        assert differing_keys(rank0[net], rank1[net]) == [], net
+
+
 @pytest.mark.parametrize("path", [[], ["--precision", "bf16", "--fused_adam"]])
 def test_a_nan_loss_on_one_process_skips_that_step_on_every_process(tmp_path, phantom_root, path):
     configs = {"nan": [*TINY_TRAIN_FLAGS, "--dataroot", str(phantom_root), "--checkpoints_dir", str(tmp_path), *path]}
