@@ -44,6 +44,10 @@ class CycleGANModel(BaseModel):
     # Difference maps on the training page (picture - reference, in HU): what G_A changed, and what the
     # A -> B -> A cycle failed to bring back. real_B is another patient's slice: no difference with it means anything.
     difference_pairs = (("fake_B", "real_A"), ("rec_A", "real_A"))
+    # The training page's words for its slices: real_B is not real_A's target here.
+    visuals_description = ("real_A an input, fake_B = G_A(real_A), rec_A = G_B(fake_B); real_B an unpaired "
+                           "B-side slice, fake_A = G_B(real_B), rec_B = G_A(fake_A); idt_A = G_A(real_B), "
+                           "idt_B = G_B(real_A)")
 
     @staticmethod
     def modify_commandline_options(parser: argparse.ArgumentParser, is_train: bool) -> argparse.ArgumentParser:

@@ -205,3 +205,18 @@ def test_benchmark_smoke_prints_one_table_with_both_models(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[1:]] == ["input average", "cycle_gan", "pix2pix"]
+
+
+def test_the_training_page_says_real_b_is_unpaired_and_draws_cyclegans_differences(tmp_path):
+    from tests.test_visualizer import parse_page, training_options
+    from training.visualizer import Visualizer
+
+    visualizer = Visualizer(training_options(tmp_path, model="cycle_gan", intensity="hu", hu_min=-1024.0, hu_max=3071.0))
+    names = ("real_A", "fake_B", "rec_A", "idt_B", "real_B", "fake_A", "rec_B", "idt_A")
+    images = {name: torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1
+              for i, name in enumerate(names)}
+    visualizer.display_current_results(images, epoch=1, save_result=True)
+    text = (visualizer.web_dir / "index.html").read_text()
+    assert "real_B an unpaired B-side slice" in text and "real_B the target" not in text
+    assert "fake_B - real_A" in text and "rec_A - real_A" in text and "fake_B - real_B" not in text
+    assert "images/epoch001_fake_B_minus_real_A.png" in parse_page(visualizer.web_dir).images

@@ -76,6 +76,8 @@ logger = logging.getLogger(__name__)
 CURVES_LOG = "curves.jsonl"
 CURVES_PNG = "curves.png"
 X_LABEL = "epochs done"
+# What the slices of a paired model's page are; a model class may name its own (``visuals_description``).
+VISUALS_DESCRIPTION = "real_A the input, fake_B generated, real_B the target"
 # (picture, target) visuals drawn as a difference map, picture - target in HU (--intensity hu).
 DIFFERENCE_PAIRS = (("fake_B", "real_B"), ("real_A", "real_B"))
 # Starts a Visdom server without the download of browser scripts that `python -m visdom.server`
@@ -268,6 +270,7 @@ class Visualizer:
         # A model whose A and B are not paired (cycle_gan) names its own differences: B - A would mean nothing.
         model = find_model_using_name(getattr(opt, "model", "pix2pix"))
         self.difference_pairs = getattr(model, "difference_pairs", DIFFERENCE_PAIRS)
+        self.visuals_description = getattr(model, "visuals_description", VISUALS_DESCRIPTION)
         # The network's [-1, 1] is hu_min..hu_max HU only with --intensity hu.
         self.hu_window = HUWindow(opt.hu_min, opt.hu_max) if getattr(opt, "intensity", "volume") == "hu" else None
         self.windows = (
@@ -441,7 +444,7 @@ class Visualizer:
 
     def _images_note(self) -> str:
         """What the page's slices show, in words."""
-        where = "Each epoch: the first slice of a batch (real_A the input, fake_B generated, real_B the target)"
+        where = f"Each epoch: the first slice of a batch ({self.visuals_description})"
         if self.hu_window is None:
             return (
                 f"{where}, in the network's [-1, 1] scale shown black..white. This run uses --intensity volume "
