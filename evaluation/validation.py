@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.pairing import find_pairs, find_phase_pairs, grid_mismatch, read_pair
+from data.pairing import find_pairs, find_phase_pairs, grid_mismatch, nifti_files, read_pair
 from data.phases import PhaseSource, read_phase
-from data.volume_io import VolumeError, read_volume
+from data.volume_io import VolumeError, frame_count, read_volume
 from evaluation.metrics import BASELINE_PREFIX, LPIPS_METRIC, evaluate_patient
 from evaluation.perceptual import LpipsScorer
 from inference.volume import PhaseGenerator
@@ -74,10 +74,13 @@ def find_validation_cases(
             if any(present):
                 logger.warning("%s has only %s/: not used for validation", dataroot, folders[present.index(True)].name)
             continue
-        if tuple(phases) == (0,):
+        if tuple(phases) == (0,) and _plain_targets(dataroot / f"{phase}B"):
             pairs, unpaired = find_pairs(dataroot, phase)
-        else:
-            pairs, unpaired, _ = find_phase_pairs(dataroot, phase, phases)
+        else:  # several phases, or phase 0 of targets stored as phases (4D or NAME_phase<K> files)
+            unreadable: list[tuple[Path, str]] = []
+            pairs, unpaired, _ = find_phase_pairs(dataroot, phase, phases, unreadable)
+            for path, reason in unreadable:
+                logger.warning("validation skips %s: %s", path, reason)
         if unpaired:
             logger.warning(
                 "%s: %d file(s) without a partner of the same name, not validated: %s",
@@ -87,6 +90,14 @@ def find_validation_cases(
             )
         return phase, pairs[:max_patients]
     return "", []
+
+
+def _plain_targets(folder_b: Path) -> bool:
+    """Whether every target is one 3D volume (today's layout), from file names and headers alone."""
+    try:
+        return all("_phase" not in path.name and frame_count(path) == 1 for path in nifti_files(folder_b).values())
+    except VolumeError:
+        return True  # an unreadable file: the pair is skipped with a warning when it is scored
 
 
 def validate(

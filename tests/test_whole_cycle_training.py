@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_SHAPE, TINY_SPACING_MM, TINY_TRAIN_FLAGS, run_script
 
+from data.phases import find_phase_sets, read_phase
 from data.robust_nifti_dataset import RobustNiftiDataset
 from data.slice_cache import prune_stale_entries
 from data.volume_io import read_volume
@@ -289,3 +290,18 @@ def test_validation_scores_a_model_of_several_phases_on_each_phase(cycles, tmp_p
     # the baseline is the input average against each phase, averaged over the phases
     expected = np.mean([score_volume(volume, target)["mae_hu"] for target in targets])
     assert metrics["baseline_mae_hu"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["4d", "files"])
+def test_validation_scores_a_phase_0_model_on_phase_0_of_targets_stored_as_phases(cycles, tmp_path, layout):
+    from evaluation.metrics import score_volume
+    from evaluation.validation import find_validation_cases, validate
+
+    write_run(tmp_path, "phase0", cycles[layout])
+    phase, cases = find_validation_cases(cycles[layout], 5)
+    assert phase == "test" and len(cases) == 1
+    metrics = validate(load_generator(tmp_path, "phase0"), cases)
+    assert metrics["n_patients"] == 1  # scored, not skipped as "4D"
+    volume, _ = read_volume(cases[0][0])
+    phase0 = read_phase(find_phase_sets(cycles[layout] / "testB", ["patient_1"])[0]["patient_1"].sources[0])[0]
+    assert metrics["baseline_mae_hu"] == pytest.approx(score_volume(volume, phase0)["mae_hu"], rel=1e-6)
