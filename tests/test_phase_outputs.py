@@ -25,7 +25,7 @@ from inference.batch import find_inputs, translate_folder
 from inference.volume import PhaseOutputs, load_generator, output_names, translate_file
 from options.cli import run_cli
 from tests.conftest import run_script
-from tests.test_use_model import PERMUTED_FLIPPED, assert_same_grid, save_nifti
+from tests.test_use_model import PERMUTED_FLIPPED, assert_same_grid, assert_same_spatial_header, save_nifti
 from tests.test_volume_io import STORAGE_AFFINES, coordinate_volume, storage_meta
 from util.errors import UserError
 
@@ -104,19 +104,10 @@ def cycle(multi_phase_run, cycle_root):
 
 def assert_4d_output_overlays(output, source, phases, num_phases, dtype="int16"):
     """Each frame of the 4D output overlays the input as a 3D output does (test_use_model.py's
-    assert_same_grid, checked here on the spatial part of the header), and its 4th axis is labelled."""
+    assert_same_spatial_header, shared with assert_same_grid), and its 4th axis is labelled."""
     source_image, output_image = nib.load(source), nib.load(output)
     assert output_image.shape == (*source_image.shape[:3], len(phases))
-    assert type(output_image) is type(source_image)
-    assert output_image.header.endianness == source_image.header.endianness
-    np.testing.assert_array_equal(output_image.affine, source_image.affine)
-    for name in ("qform", "sform"):
-        out_affine, out_code = getattr(output_image.header, f"get_{name}")(coded=True)
-        in_affine, in_code = getattr(source_image.header, f"get_{name}")(coded=True)
-        assert int(out_code) == int(in_code), name
-        if in_affine is not None:
-            np.testing.assert_array_equal(out_affine, in_affine)
-    np.testing.assert_array_equal(output_image.header["pixdim"][:4], source_image.header["pixdim"][:4])
+    assert_same_spatial_header(output_image, source_image)
     assert output_image.header.get_xyzt_units() == (source_image.header.get_xyzt_units()[0], "unknown")
     assert output_image.header.get_data_dtype().name == dtype
     assert output_image.dataobj.slope == 1.0 and output_image.dataobj.inter == 0.0

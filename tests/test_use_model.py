@@ -109,12 +109,10 @@ def save_nifti(
     return path
 
 
-def assert_same_grid(output_path: Path, input_path: Path, dtype: str = "int16") -> None:
-    """The output overlays the input: shape, affine, qform/sform and codes, voxel sizes, NIfTI version, byte order."""
-    source, output = nib.load(input_path), nib.load(output_path)
+def assert_same_spatial_header(output: nib.Nifti1Image, source: nib.Nifti1Image) -> None:
+    """NIfTI version, byte order, affine, qform/sform and their codes, voxel sizes: the spatial part of the header."""
     assert type(output) is type(source)  # NIfTI-1 stays NIfTI-1, NIfTI-2 stays NIfTI-2
     assert output.header.endianness == source.header.endianness
-    assert output.shape == source.shape[:3]
     np.testing.assert_array_equal(output.affine, source.affine)
     for name in ("qform", "sform"):
         out_affine, out_code = getattr(output.header, f"get_{name}")(coded=True)
@@ -123,6 +121,13 @@ def assert_same_grid(output_path: Path, input_path: Path, dtype: str = "int16") 
         if in_affine is not None:
             np.testing.assert_array_equal(out_affine, in_affine)
     np.testing.assert_array_equal(output.header["pixdim"][:4], source.header["pixdim"][:4])
+
+
+def assert_same_grid(output_path: Path, input_path: Path, dtype: str = "int16") -> None:
+    """The output overlays the input: shape, affine, qform/sform and codes, voxel sizes, NIfTI version, byte order."""
+    source, output = nib.load(input_path), nib.load(output_path)
+    assert output.shape == source.shape[:3]
+    assert_same_spatial_header(output, source)
     assert output.header.get_xyzt_units()[0] == source.header.get_xyzt_units()[0]
     assert output.header.get_data_dtype().name == dtype
     assert output.dataobj.slope == 1.0 and output.dataobj.inter == 0.0
